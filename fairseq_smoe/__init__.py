@@ -1,0 +1,11 @@
+"""fairseq_smoe: Supervised Mixture of Experts (S-MoE) speech-to-text as a fairseq ``--user-dir`` plugin.
+
+Importing the package registers the ``speech_to_text_smoe`` task, the ``s2t_smoe`` model and its architectures,
+and the allow-list that lets fairseq checkpoints load under torch's ``weights_only`` unpickler.
+"""
+
+from . import checkpoint_safety  # noqa: F401  (registers the checkpoint allow-list)
+from . import models  # noqa: F401
+from . import task  # noqa: F401
+
+__version__ = "0.1.0"

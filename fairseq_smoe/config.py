@@ -1,0 +1,71 @@
+"""The plugin's own options: the ``smoe:`` section of fairseq's S2T ``config.yaml``.
+
+Example::
+
+    smoe:
+      encoder_routes: [wb, nb]              # expert order; paper: WB -> E0, NB -> E1
+      decoder_routes: [transcribe, translate]
+      bandwidth_detection: rate             # rate | spectral (for rows whose manifest has no bandwidth)
+      spectral_threshold_db: -35.0          # spectral: energy above 4 kHz below this -> nb
+      homogeneous_batches: true             # one task and bandwidth per batch, batches interleaved
+
+Unknown keys and wrong types are errors: a typo must not silently fall back to a default.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Tuple
+
+from .routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable, parse_route_list
+
+BANDWIDTH_DETECTION = ("rate", "spectral")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SMoEDataConfig:
+    encoder_routes: Tuple[str, ...] = DEFAULT_ENCODER_ROUTES
+    decoder_routes: Tuple[str, ...] = DEFAULT_DECODER_ROUTES
+    bandwidth_detection: str = "rate"
+    spectral_threshold_db: float = -35.0
+    homogeneous_batches: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "config.yaml") -> "SMoEDataConfig":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: 'smoe' must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) under 'smoe': {unknown}; known keys: {sorted(known)}")
+        values: Dict[str, Any] = {}
+        for key in ("encoder_routes", "decoder_routes"):
+            if key in raw:
+                try:
+                    values[key] = parse_route_list(raw[key], f"smoe.{key}")
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {e}") from None
+        if "bandwidth_detection" in raw:
+            v = raw["bandwidth_detection"]
+            if v not in BANDWIDTH_DETECTION:
+                raise ConfigError(f"{where}: smoe.bandwidth_detection must be one of {BANDWIDTH_DETECTION}, got {v!r}")
+            values["bandwidth_detection"] = v
+        if "spectral_threshold_db" in raw:
+            v = raw["spectral_threshold_db"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}: smoe.spectral_threshold_db must be a number, got {v!r}")
+            values["spectral_threshold_db"] = float(v)
+        if "homogeneous_batches" in raw:
+            v = raw["homogeneous_batches"]
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}: smoe.homogeneous_batches must be true or false, got {v!r}")
+            values["homogeneous_batches"] = v
+        return cls(**values)
+
+    @property
+    def routing_table(self) -> RoutingTable:
+        return RoutingTable(self.encoder_routes, self.decoder_routes)

@@ -1,0 +1,61 @@
+"""WER and BLEU statistics for validation during training, summed across batches and workers.
+
+Hypotheses and references are detokenized strings with the guiding tokens already removed. WER uses
+lower-cased, punctuation-free words (as fairseq's ``--scoring wer --wer-lowercase --wer-remove-punct``); BLEU is
+sacreBLEU's corpus BLEU with its default 13a tokenizer, accumulated from per-batch n-gram counts.
+"""
+
+import unicodedata
+from typing import Dict, List, Sequence
+
+import editdistance
+import numpy as np
+
+BLEU_ORDER = 4
+
+
+def normalize_for_wer(text: str) -> List[str]:
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return text.split()
+
+
+def wer_stats(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, int]:
+    errors = words = 0
+    for h, r in zip(hyps, refs):
+        r_words = normalize_for_wer(r)
+        errors += editdistance.eval(normalize_for_wer(h), r_words)
+        words += len(r_words)
+    return {"_wer_errors": errors, "_wer_words": words}
+
+
+def bleu_stats(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, int]:
+    import sacrebleu
+
+    b = sacrebleu.corpus_bleu(list(hyps), [list(refs)])
+    out = {"_bleu_sys_len": b.sys_len, "_bleu_ref_len": b.ref_len}
+    for i in range(BLEU_ORDER):
+        out[f"_bleu_counts_{i}"] = b.counts[i]
+        out[f"_bleu_totals_{i}"] = b.totals[i]
+    return out
+
+
+def wer_from_sums(errors: float, words: float) -> float:
+    return round(100.0 * errors / words, 2) if words > 0 else float("nan")
+
+
+def bleu_from_sums(counts: Sequence[float], totals: Sequence[float], sys_len: float, ref_len: float) -> float:
+    from sacrebleu.metrics import BLEU
+
+    b = BLEU.compute_bleu(
+        correct=[int(c) for c in counts], total=[int(t) for t in totals],
+        sys_len=int(sys_len), ref_len=int(ref_len), smooth_method="exp",
+    )
+    return round(b.score, 2)
+
+
+def strip_symbols(tokens, symbols) -> List[int]:
+    return [t for t in tokens if t not in symbols]
+
+
+def as_array(values) -> np.ndarray:
+    return np.array(values, dtype=np.float64)

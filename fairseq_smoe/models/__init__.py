@@ -1,0 +1,1 @@
+from . import s2t_smoe  # noqa: F401

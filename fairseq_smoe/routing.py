@@ -1,0 +1,188 @@
+"""Supervised routing: the expert a sample uses is named by its metadata, never chosen by a learned gate.
+
+Encoder experts are keyed by input bandwidth (``wb``, ``nb``); decoder experts by the task guiding token
+(``transcribe``, ``translate``), optionally refined by target language (``translate:de``). The lists live in
+``config.yaml`` (``smoe: {encoder_routes: [...], decoder_routes: [...]}``), so a new bandwidth, task or language is
+one more entry there and one more expert in the model, with no code change.
+"""
+
+from contextlib import contextmanager
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+# The paper sends WB speech to E0 and NB speech to E1.
+DEFAULT_ENCODER_ROUTES: Tuple[str, ...] = ("wb", "nb")
+DEFAULT_DECODER_ROUTES: Tuple[str, ...] = ("transcribe", "translate")
+
+# Manifest ``task`` values and the guiding token each puts at the start of the target.
+TASK_TO_GUIDING_TOKEN: Dict[str, str] = {"asr": "transcribe", "st": "translate"}
+LANG_TAG_TEMPLATE = "<lang:{}>"
+
+
+def guiding_token(name: str) -> str:
+    """``transcribe`` -> ``<transcribe>``."""
+    return f"<{name}>"
+
+
+def lang_tag(lang: str) -> str:
+    """``es`` -> ``<lang:es>`` (fairseq's S2T language-tag format)."""
+    return LANG_TAG_TEMPLATE.format(lang)
+
+
+def parse_route_list(value, what: str) -> Tuple[str, ...]:
+    """Accept ``"wb,nb"`` or ``["wb", "nb"]``; reject empty or duplicated entries."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        raise ValueError(f"{what} must be a list of route names or a comma-separated string, got {value!r}")
+    if not items or any(not v for v in items):
+        raise ValueError(f"{what} has an empty route name: {value!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{what} names a route twice: {value!r}")
+    return tuple(items)
+
+
+class RoutingTable:
+    """Maps sample metadata to expert indices; the list order is the expert order in the model."""
+
+    def __init__(
+        self,
+        encoder_routes: Sequence[str] = DEFAULT_ENCODER_ROUTES,
+        decoder_routes: Sequence[str] = DEFAULT_DECODER_ROUTES,
+    ):
+        self.encoder_routes = parse_route_list(encoder_routes, "encoder_routes")
+        self.decoder_routes = parse_route_list(decoder_routes, "decoder_routes")
+        self._enc = {name: i for i, name in enumerate(self.encoder_routes)}
+        self._dec = {name: i for i, name in enumerate(self.decoder_routes)}
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, RoutingTable)
+            and self.encoder_routes == other.encoder_routes
+            and self.decoder_routes == other.decoder_routes
+        )
+
+    def __repr__(self):
+        return f"RoutingTable(encoder={list(self.encoder_routes)}, decoder={list(self.decoder_routes)})"
+
+    @property
+    def num_encoder_routes(self) -> int:
+        return len(self.encoder_routes)
+
+    @property
+    def num_decoder_routes(self) -> int:
+        return len(self.decoder_routes)
+
+    def encoder_route_id(self, bandwidth: str) -> int:
+        try:
+            return self._enc[bandwidth]
+        except KeyError:
+            raise KeyError(
+                f"bandwidth {bandwidth!r} has no encoder route; routes are {list(self.encoder_routes)}"
+            ) from None
+
+    def decoder_route_name(self, task_token: str, tgt_lang: Optional[str]) -> str:
+        """``translate`` + ``de`` -> ``translate:de`` if that route exists, else ``translate``."""
+        if tgt_lang:
+            specific = f"{task_token}:{tgt_lang}"
+            if specific in self._dec:
+                return specific
+        if task_token in self._dec:
+            return task_token
+        raise KeyError(
+            f"task token {task_token!r} (target language {tgt_lang!r}) has no decoder route; "
+            f"routes are {list(self.decoder_routes)}"
+        )
+
+    def decoder_route_id(self, task_token: str, tgt_lang: Optional[str]) -> int:
+        return self._dec[self.decoder_route_name(task_token, tgt_lang)]
+
+    def task_tokens(self) -> List[str]:
+        """The guiding-token names the decoder routes mention (``translate:de`` -> ``translate``)."""
+        seen: List[str] = []
+        for route in self.decoder_routes:
+            name = route.split(":", 1)[0]
+            if name not in seen:
+                seen.append(name)
+        return seen
+
+    def to_args(self) -> Dict[str, str]:
+        """Model-argument form, saved in every checkpoint so a mismatch is caught at load time."""
+        return {
+            "encoder_routes": ",".join(self.encoder_routes),
+            "decoder_routes": ",".join(self.decoder_routes),
+        }
+
+
+class RouteBatch:
+    """Route ids of one batch plus the grouping every expert layer of a stack reuses.
+
+    Computed once per forward pass of an encoder or decoder (not once per layer): either the whole batch takes
+    one route (``single``), or ``groups`` lists each used route with the batch rows that take it.
+    """
+
+    __slots__ = ("ids", "single", "groups")
+
+    def __init__(self, ids: torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"route ids must be a 1-D tensor (one per sample), got shape {tuple(ids.shape)}")
+        self.ids = ids
+        used = torch.unique(ids)
+        if used.numel() == 1:
+            self.single: Optional[int] = int(used.item())
+            self.groups: Optional[List[Tuple[int, torch.Tensor]]] = None
+        else:
+            self.single = None
+            self.groups = [(int(r), (ids == r).nonzero().squeeze(1)) for r in used.tolist()]
+
+    def used_routes(self) -> List[int]:
+        return [self.single] if self.single is not None else [r for r, _ in self.groups]
+
+
+class RouteContext:
+    """Holds the routes of the forward pass in flight for the expert layers of one encoder or decoder.
+
+    fairseq's encoder and decoder loops call their layers without extra arguments; rather than copy those loops,
+    the S-MoE encoder/decoder sets the routes here around the stock forward and the expert layers read them.
+    """
+
+    def __init__(self, num_routes: int, where: str):
+        self.num_routes = num_routes
+        self.where = where
+        self.current: Optional[RouteBatch] = None
+
+    @contextmanager
+    def use(self, route_ids: Optional[torch.Tensor], batch_size: int):
+        if route_ids is None:
+            raise ValueError(
+                f"the {self.where} has {self.num_routes} experts but the batch carries no {self.where} route ids; "
+                f"use --task speech_to_text_smoe (its collater adds them to net_input)"
+            )
+        if route_ids.numel() != batch_size:
+            raise ValueError(
+                f"{self.where} route ids: {route_ids.numel()} for a batch of {batch_size} samples"
+            )
+        if route_ids.numel() and (int(route_ids.min()) < 0 or int(route_ids.max()) >= self.num_routes):
+            raise ValueError(
+                f"{self.where} route id out of range [0, {self.num_routes}): {route_ids.tolist()}"
+            )
+        previous = self.current
+        self.current = RouteBatch(route_ids)
+        try:
+            yield self.current
+        finally:
+            self.current = previous
+
+    def get(self) -> RouteBatch:
+        if self.current is None:
+            raise RuntimeError(
+                f"an S-MoE {self.where} layer ran outside its {self.where}'s forward, so it has no routes"
+            )
+        return self.current
+
+
+def route_ids_tensor(values: Iterable[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)

@@ -1,0 +1,31 @@
+"""fairseq_smoe: Supervised Mixture of Experts speech-to-text, a fairseq --user-dir plugin."""
+
+import sys
+
+from setuptools import find_packages, setup
+
+# fairseq 0.12.2 from PyPI does not import on Python >= 3.11; fairseq-fixed is fairseq main with those fixes.
+FAIRSEQ = "fairseq-fixed>=0.12.3,<0.13" if sys.version_info >= (3, 11) else "fairseq>=0.12.2,<0.13"
+
+setup(
+    name="fairseq_smoe",
+    version="0.1.0",
+    description="Supervised Mixture of Experts (S-MoE) for multi-task, mixed-bandwidth speech-to-text in fairseq",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_smoe", "fairseq_smoe.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0,<2.12",
+        "torchaudio>=2.0,<2.12",
+        FAIRSEQ,
+        "numpy>=1.21,<2",
+        "sentencepiece>=0.1.99",
+        "sacrebleu>=2.0,<3",
+        "editdistance>=0.6",
+        "soundfile>=0.12",
+        "pyyaml>=5.4",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    license="MIT",
+)

@@ -99,13 +99,7 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
             )
         if cfg.use_audio_input:
             raise ValueError("config.yaml: use_audio_input is not supported; S-MoE models take fbank features")
-        super().__init__(
-            split, is_train_split, cfg, audio_paths, n_frames,
-            tgt_texts=tgt_texts, speakers=speakers, src_langs=src_langs, tgt_langs=tgt_langs, ids=ids,
-            tgt_dict=tgt_dict, pre_tokenizer=pre_tokenizer, bpe_tokenizer=bpe_tokenizer,
-        )
-        if self.dataset_transforms.transforms:
-            raise ValueError("config.yaml: dataset transforms (concat/noisy-overlap augment) are not supported here")
+        # set before the parent constructor, which logs repr(self)
         self.smoe_cfg = smoe_cfg
         self.audio_root = audio_root
         self.tasks = tasks
@@ -113,6 +107,13 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         self.encoder_routes = np.asarray(encoder_routes, dtype=np.int64)
         self.decoder_routes = np.asarray(decoder_routes, dtype=np.int64)
         self.prefixes = torch.tensor(prefixes, dtype=torch.long)
+        super().__init__(
+            split, is_train_split, cfg, audio_paths, n_frames,
+            tgt_texts=tgt_texts, speakers=speakers, src_langs=src_langs, tgt_langs=tgt_langs, ids=ids,
+            tgt_dict=tgt_dict, pre_tokenizer=pre_tokenizer, bpe_tokenizer=bpe_tokenizer,
+        )
+        if self.dataset_transforms.transforms:
+            raise ValueError("config.yaml: dataset transforms (concat/noisy-overlap augment) are not supported here")
         # sizes used for filtering and batching count the prefix and </s>
         self.tgt_lens = [n + PREFIX_LEN + 1 for n in self.tgt_lens]
 

@@ -1,0 +1,180 @@
+"""Manifest -> dataset -> collater: routes, guiding prefixes and batching, on small synthetic audio files."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from fairseq_smoe.audio import num_fbank_frames
+from fairseq_smoe.dataset import ManifestError
+from fairseq_smoe.task import SpeechToTextSMoETask
+from fairseq_smoe.vocab import build_vocab
+
+TEXT = {
+    "en": ["the cat sits on the mat", "good morning to you", "where is the station", "i like green tea"],
+    "es": ["el gato se sienta en la alfombra", "buenos dias a ti", "donde esta la estacion", "me gusta el te verde"],
+}
+HEADER = ["id", "audio", "n_frames", "tgt_text", "speaker", "task", "src_lang", "tgt_lang"]
+
+
+def write_corpus(root: Path, rows, config_extra=None, header=HEADER):
+    """rows: (id, seconds, sample_rate, task, tgt_lang, text[, bandwidth])"""
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    if not (root / "spm.model").exists():
+        build_vocab(TEXT["en"] + TEXT["es"], str(root), ["en", "es"], vocab_size=60)
+    lines = ["\t".join(header)]
+    rng = np.random.default_rng(0)
+    for r in rows:
+        uid, seconds, sr, task, lang, text = r[:6]
+        n = int(seconds * sr)
+        wav = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        sf.write(root / "wav" / f"{uid}.wav", wav, sr)
+        fields = [uid, f"wav/{uid}.wav", str(num_fbank_frames(int(seconds * 16000))), text, "spk", task, "en", lang]
+        if "bandwidth" in header:
+            fields.append(r[6])
+        lines.append("\t".join(fields))
+    (root / "train.tsv").write_text("\n".join(lines) + "\n")
+    cfg = {"input_feat_per_channel": 80, "vocab_filename": "spm.txt",
+           "bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": "spm.model"}}
+    cfg.update(config_extra or {})
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def make_task(root: Path, *extra):
+    parser = argparse.ArgumentParser()
+    SpeechToTextSMoETask.add_args(parser)
+    args = parser.parse_args([str(root), *extra])
+    args.seed = 1
+    return SpeechToTextSMoETask.setup_task(args)
+
+
+ROWS = [
+    ("a", 0.6, 16000, "asr", "en", TEXT["en"][0]),
+    ("b", 1.2, 8000, "st", "es", TEXT["es"][1]),
+    ("c", 0.9, 8000, "asr", "en", TEXT["en"][2]),
+    ("d", 0.3, 16000, "st", "es", TEXT["es"][3]),
+    ("e", 1.0, 22050, "asr", "en", TEXT["en"][3]),
+]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    return write_corpus(tmp_path, ROWS)
+
+
+def test_routes_and_prefix_come_from_the_manifest(corpus):
+    task = make_task(corpus)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    # bandwidth derived from the sample rate: 8 kHz -> nb, 16 kHz and 22.05 kHz -> wb
+    assert ds.bandwidths == ["wb", "nb", "nb", "wb", "wb"]
+    assert ds.encoder_routes.tolist() == [0, 1, 1, 0, 0]  # wb -> E0, nb -> E1
+    assert ds.decoder_routes.tolist() == [0, 1, 0, 1, 0]
+    d = task.target_dictionary
+    item = ds[1]
+    assert d.string(item.target[:2]) == "<translate> <lang:es>"
+    assert item.target[-1] == d.eos()
+    # 8 kHz audio is upsampled: features at the 16 kHz frame rate, 80 bins
+    assert item.source.shape == (num_fbank_frames(int(1.2 * 16000)), 80)
+
+
+def test_collater_keeps_routes_aligned_with_length_sorted_samples(corpus):
+    task = make_task(corpus)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    ids = batch["id"].tolist()
+    lengths = batch["net_input"]["src_lengths"].tolist()
+    assert lengths == sorted(lengths, reverse=True) and ids != list(range(len(ds)))
+    assert batch["net_input"]["encoder_route_ids"].tolist() == [int(ds.encoder_routes[i]) for i in ids]
+    assert batch["net_input"]["decoder_route_ids"].tolist() == [int(ds.decoder_routes[i]) for i in ids]
+    assert batch["tasks"] == [ds.tasks[i] for i in ids]
+    d = task.target_dictionary
+    for row, i in enumerate(ids):
+        # decoder input starts </s> <task> <lang>; the scored target has the prefix masked to pad
+        prev = batch["net_input"]["prev_output_tokens"][row]
+        assert prev[0] == d.eos() and torch.equal(prev[1:3], batch["decoder_prefix"][row])
+        assert torch.equal(batch["decoder_prefix"][row], ds.prefixes[i])
+        tgt = batch["target"][row]
+        assert (tgt[:2] == d.pad()).all()
+        n = int(batch["target_lengths"][row])
+        assert d.string(tgt[2:2 + n]).replace(" ", "").replace("\u2581", " ").strip() == ds.tgt_texts[i]
+    assert batch["ntokens"] == int(batch["target_lengths"].sum())
+
+
+def test_batches_are_homogeneous_by_default_and_mixed_on_request(tmp_path):
+    rows = [(f"u{i}", 0.3 + 0.05 * i, [8000, 16000][i % 2], ["asr", "st"][(i // 2) % 2],
+             ["en", "es"][(i // 2) % 2], TEXT[["en", "es"][(i // 2) % 2]][i % 4]) for i in range(16)]
+    write_corpus(tmp_path / "h", rows)
+    task = make_task(tmp_path / "h")
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
+    assert sorted(int(i) for b in batches for i in b) == list(range(16))
+    for b in batches:
+        assert len({ds.route_pair(int(i)) for i in b}) == 1
+    assert len({ds.route_pair(int(b[0])) for b in batches}) == 4
+
+    write_corpus(tmp_path / "m", rows, {"smoe": {"homogeneous_batches": False}})
+    task = make_task(tmp_path / "m")
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
+    assert any(len({ds.route_pair(int(i)) for i in b}) > 1 for b in batches)
+
+
+def test_force_task_decodes_an_asr_set_as_st(corpus):
+    task = make_task(corpus, "--force-task", "st", "--force-tgt-lang", "es")
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    assert set(ds.tasks) == {"st"} and ds.decoder_routes.tolist() == [1] * 5
+    assert task.target_dictionary.string(ds[0].prefix) == "<translate> <lang:es>"
+    assert ds.tgt_texts[0] == TEXT["en"][0]  # the reference stays what the manifest says
+
+
+def test_generator_strips_guiding_tokens(corpus):
+    task = make_task(corpus)
+    from fairseq_smoe import params
+    from fairseq_smoe.routing import RoutingTable
+
+    model = params.ARCH_MODEL_REGISTRY["s2t_dec_smoe_xs"].build_model(
+        params.model_args("s2t_dec_smoe_xs", RoutingTable()), task)
+    gen = task.build_generator([model], argparse.Namespace(beam=1, prefix_size=0))
+    d = task.target_dictionary
+    for sym in ("<transcribe>", "<translate>", "<lang:en>", "<lang:es>"):
+        assert d.index(sym) in gen.symbols_to_strip_from_output
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("a", 0.5, 16000, "mt", "en", "x")], "unknown task 'mt'"),
+    ([("a", 0.5, 16000, "asr", "en", "  ")], "empty tgt_text"),
+    ([("a", 0.5, 16000, "st", "fr", "bonjour")], "<lang:fr> is not in the dictionary"),
+    ([("a", 0.5, 16000, "asr", "en", "x"), ("a", 0.5, 16000, "asr", "en", "y")], "duplicate id"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, rows, message):
+    write_corpus(tmp_path, rows)
+    task = make_task(tmp_path)
+    with pytest.raises(ManifestError, match=message) as e:
+        task.load_dataset("train")
+    assert "train.tsv:" in str(e.value)
+
+
+def test_explicit_bandwidth_column_and_unknown_bandwidth(tmp_path):
+    rows = [("a", 0.5, 16000, "asr", "en", "x", "nb"), ("b", 0.5, 16000, "asr", "en", "y", "sb")]
+    write_corpus(tmp_path, rows, header=HEADER + ["bandwidth"])
+    task = make_task(tmp_path)
+    with pytest.raises(ManifestError, match=r"train.tsv:3 \(id 'b'\): bandwidth 'sb' has no encoder route"):
+        task.load_dataset("train")
+
+
+def test_missing_guiding_tokens_are_reported_at_startup(tmp_path):
+    write_corpus(tmp_path, ROWS[:1])
+    lines = [l for l in (tmp_path / "spm.txt").read_text().splitlines() if not l.startswith("<transcribe>")]
+    (tmp_path / "spm.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"guiding token\(s\) \['<transcribe>'\] missing"):
+        make_task(tmp_path)

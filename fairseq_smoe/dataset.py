@@ -183,14 +183,21 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
 
         fairseq's epoch iterator shuffles the list of batches, so the single-route batches come interleaved.
         """
-        if not self.smoe_cfg.homogeneous_batches:
-            return super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple)
         indices = np.asarray(indices, dtype=np.int64)
-        keys = self.encoder_routes[indices] * 1000 + self.decoder_routes[indices]
+        if max_sentences and required_batch_size_multiple > max_sentences:
+            # fairseq's batcher drops the trailing samples when the multiple exceeds the batch size
+            required_batch_size_multiple = 1
+        if not self.smoe_cfg.homogeneous_batches:
+            groups = [indices]
+        else:
+            keys = self.encoder_routes[indices] * 1000 + self.decoder_routes[indices]
+            groups = [indices[keys == key] for key in np.unique(keys)]  # each keeps the length order
         batches = []
-        for key in np.unique(keys):
-            group = indices[keys == key]  # keeps the length order of `indices`
+        for group in groups:
             batches.extend(super().batch_by_size(group, max_tokens, max_sentences, required_batch_size_multiple))
+        covered = sum(len(b) for b in batches)
+        if covered != len(indices):
+            raise RuntimeError(f"{self.split}: batching covered {covered} of {len(indices)} samples")
         return batches
 
     def route_pair(self, index: int):

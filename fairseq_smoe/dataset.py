@@ -184,9 +184,6 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         fairseq's epoch iterator shuffles the list of batches, so the single-route batches come interleaved.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        if max_sentences and required_batch_size_multiple > max_sentences:
-            # fairseq's batcher drops the trailing samples when the multiple exceeds the batch size
-            required_batch_size_multiple = 1
         if not self.smoe_cfg.homogeneous_batches:
             groups = [indices]
         else:
@@ -194,7 +191,13 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
             groups = [indices[keys == key] for key in np.unique(keys)]  # each keeps the length order
         batches = []
         for group in groups:
-            batches.extend(super().batch_by_size(group, max_tokens, max_sentences, required_batch_size_multiple))
+            group_batches = super().batch_by_size(group, max_tokens, max_sentences, required_batch_size_multiple)
+            done = sum(len(b) for b in group_batches)
+            if done < len(group):
+                # fairseq drops a last batch whose size is not a multiple of --required-batch-size-multiple;
+                # with one group per route pair that would lose data in every group: keep it
+                group_batches += super().batch_by_size(group[done:], max_tokens, max_sentences, 1)
+            batches.extend(group_batches)
         covered = sum(len(b) for b in batches)
         if covered != len(indices):
             raise RuntimeError(f"{self.split}: batching covered {covered} of {len(indices)} samples")

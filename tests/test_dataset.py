@@ -178,3 +178,16 @@ def test_missing_guiding_tokens_are_reported_at_startup(tmp_path):
     (tmp_path / "spm.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"guiding token\(s\) \['<transcribe>'\] missing"):
         make_task(tmp_path)
+
+
+def test_batching_keeps_every_sample_whatever_the_batch_multiple(tmp_path):
+    """fairseq drops a trailing batch that is not a multiple of --required-batch-size-multiple; we must not."""
+    rows = [(f"u{i}", 0.3 + 0.05 * i, [8000, 16000][i % 2], "asr", "en", TEXT["en"][i % 4]) for i in range(11)]
+    write_corpus(tmp_path, rows)
+    task = make_task(tmp_path)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    for max_sentences, multiple in [(8, 8), (4, 8), (None, 8), (3, 1)]:
+        batches = ds.batch_by_size(ds.ordered_indices(), max_tokens=None if max_sentences else 10_000,
+                                   max_sentences=max_sentences, required_batch_size_multiple=multiple)
+        assert sorted(int(i) for b in batches for i in b) == list(range(11)), (max_sentences, multiple)

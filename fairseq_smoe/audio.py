@@ -130,18 +130,27 @@ def read_features(ref: AudioRef) -> np.ndarray:
     return feats.astype(np.float32, copy=False)
 
 
+# Kaiser-windowed sinc, 16 zero crossings: images of 8 kHz audio upsampled to 16 kHz stay about 60 dB down
+# (torchaudio's default Hann window of width 6 leaves them at about -25 dB, which puts fake energy above 4 kHz
+# into the NB features and blurs spectral bandwidth detection).
+RESAMPLE_KWARGS = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=16, rolloff=0.945, beta=8.6)
+
+
 def resample(wav: np.ndarray, sr: int, target: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     if sr == target:
         return wav
     import torchaudio.functional as AF
 
-    return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, target).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    return AF.resample(x, sr, target, **RESAMPLE_KWARGS).numpy()
 
 
 def fbank(wav16k: np.ndarray, num_mel_bins: int = 80) -> np.ndarray:
     """Kaldi-compatible log-mel filterbank (25 ms window, 10 ms shift) of 16 kHz audio, as fairseq computes it."""
     import torchaudio.compliance.kaldi as kaldi
 
+    if num_fbank_frames(len(wav16k)) == 0:  # kaldi.fbank asserts on audio shorter than one window
+        return np.zeros((0, num_mel_bins), dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(wav16k)).unsqueeze(0) * 32768.0  # kaldi expects 16-bit scale
     return kaldi.fbank(x, num_mel_bins=num_mel_bins, sample_frequency=TARGET_SAMPLE_RATE).numpy()
 

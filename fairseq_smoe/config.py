@@ -6,7 +6,7 @@ Example::
       encoder_routes: [wb, nb]              # expert order; paper: WB -> E0, NB -> E1
       decoder_routes: [transcribe, translate]
       bandwidth_detection: rate             # rate | spectral (for rows whose manifest has no bandwidth)
-      spectral_threshold_db: -35.0          # spectral: energy above 4 kHz below this -> nb
+      spectral_threshold_db: -50.0          # spectral: energy above 4 kHz below this -> nb
       homogeneous_batches: true             # one task and bandwidth per batch, batches interleaved
 
 Unknown keys and wrong types are errors: a typo must not silently fall back to a default.
@@ -29,7 +29,7 @@ class SMoEDataConfig:
     encoder_routes: Tuple[str, ...] = DEFAULT_ENCODER_ROUTES
     decoder_routes: Tuple[str, ...] = DEFAULT_DECODER_ROUTES
     bandwidth_detection: str = "rate"
-    spectral_threshold_db: float = -35.0
+    spectral_threshold_db: float = -50.0
     homogeneous_batches: bool = True
 
     @classmethod

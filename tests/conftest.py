@@ -1,0 +1,33 @@
+"""Session fixtures: the flite speech corpus of :mod:`fixture_corpus`, built once per test session."""
+
+from pathlib import Path
+
+import pytest
+
+from fixture_corpus import have_flite, make_corpus
+
+
+@pytest.fixture(scope="session")
+def flite_cache(tmp_path_factory) -> Path:
+    """flite output shared by every corpus a session builds."""
+    if not have_flite():
+        pytest.skip("flite is not installed; the speech-corpus tests need it (apt-get install flite)")
+    return tmp_path_factory.mktemp("flite_cache")
+
+
+@pytest.fixture(scope="session")
+def flite_corpus(tmp_path_factory, flite_cache) -> dict:
+    """:func:`fixture_corpus.make_corpus`'s result for the default corpus (manifests with a bandwidth column)."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"), cache_dir=flite_cache)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(flite_corpus) -> Path:
+    return flite_corpus["root"]
+
+
+@pytest.fixture(scope="session")
+def flite_corpus_no_bandwidth(tmp_path_factory, flite_cache) -> dict:
+    """The same corpus with manifests that leave the bandwidth to be derived from the audio."""
+    root = tmp_path_factory.mktemp("corpus_no_bandwidth")
+    return make_corpus(root, bandwidth_column=False, cache_dir=flite_cache)

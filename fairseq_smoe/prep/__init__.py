@@ -1,0 +1,1 @@
+"""Data preparation: manifests, vocabularies and NB copies for public corpora and the offline demo corpus."""

@@ -26,6 +26,6 @@ setup(
         "soundfile>=0.12",
         "pyyaml>=5.4",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "demo": ["matplotlib>=3.5"]},
     license="MIT",
 )

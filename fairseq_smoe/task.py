@@ -172,13 +172,14 @@ class SpeechToTextSMoETask(SpeechToTextTask):
             metrics.log_derived(
                 "wer", lambda m: evaluation.wer_from_sums(m["_wer_errors"].sum, m["_wer_words"].sum)
             )
-        totals = [total(f"_bleu_totals_{i}") for i in range(evaluation.BLEU_ORDER)]
-        if max(totals) > 0:
+        ref_len = total("_bleu_ref_len")
+        if ref_len > 0:  # ST rows were decoded: report BLEU, 0 included (empty hypotheses)
+            totals = [total(f"_bleu_totals_{i}") for i in range(evaluation.BLEU_ORDER)]
             counts = [total(f"_bleu_counts_{i}") for i in range(evaluation.BLEU_ORDER)]
             metrics.log_scalar_sum("_bleu_counts", np.array(counts))
             metrics.log_scalar_sum("_bleu_totals", np.array(totals))
             metrics.log_scalar_sum("_bleu_sys_len", total("_bleu_sys_len"))
-            metrics.log_scalar_sum("_bleu_ref_len", total("_bleu_ref_len"))
+            metrics.log_scalar_sum("_bleu_ref_len", ref_len)
             metrics.log_derived(
                 "bleu",
                 lambda m: evaluation.bleu_from_sums(

@@ -27,5 +27,5 @@ if ! "$P" -c "import fairseq" 2>/dev/null; then
   fi
 fi
 echo "[setup] plugin + test tools"
-"$P" -m pip install -q -c "$C" -e ".[test]"
+"$P" -m pip install -q -c "$C" -e ".[test,demo]"
 "$P" -c "import fairseq, torch, torchaudio, fairseq_smoe; print('[setup] ok: fairseq', fairseq.__version__, 'torch', torch.__version__, 'torchaudio', torchaudio.__version__)"

@@ -20,6 +20,7 @@ NB_EDGE_HZ = 4000
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg"}
 FEATURE_EXTENSIONS = {".npy"}
 BANDWIDTHS = ("nb", "wb")
+SUPPORTED_RATES = (8000, 48000)  # lowest and highest sample rate accepted (resampled to 16 kHz)
 
 
 class AudioError(ValueError):
@@ -112,6 +113,8 @@ def read_waveform(ref: AudioRef) -> Tuple[np.ndarray, int]:
         raise AudioError(f"{ref}: {wav.shape[1]} channels; S-MoE expects mono audio (downmix it first)")
     if wav.shape[0] == 0:
         raise AudioError(f"{ref}: no samples")
+    if not SUPPORTED_RATES[0] <= sr <= SUPPORTED_RATES[1]:
+        raise AudioError(f"{ref}: sample rate {sr} Hz outside the supported {SUPPORTED_RATES[0]}-{SUPPORTED_RATES[1]} Hz")
     return wav[:, 0], int(sr)
 
 
@@ -134,6 +137,19 @@ def read_features(ref: AudioRef) -> np.ndarray:
 # (torchaudio's default Hann window of width 6 leaves them at about -25 dB, which puts fake energy above 4 kHz
 # into the NB features and blurs spectral bandwidth detection).
 RESAMPLE_KWARGS = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=16, rolloff=0.945, beta=8.6)
+
+
+def check_source(ref: AudioRef) -> None:
+    """Decode a manifest's source fully and raise :class:`AudioError` if training would fail on it."""
+    src, is_npy = _open(ref)
+    if is_npy:
+        read_features(ref)
+        return
+    wav, sr = read_waveform(ref)
+    if num_fbank_frames(int(len(wav) * TARGET_SAMPLE_RATE / sr)) == 0:
+        raise AudioError(f"{ref}: {len(wav) / sr * 1000:.1f} ms, shorter than one 25 ms analysis window")
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{ref}: samples contain NaN or inf")
 
 
 def resample(wav: np.ndarray, sr: int, target: int = TARGET_SAMPLE_RATE) -> np.ndarray:

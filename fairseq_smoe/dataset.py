@@ -224,6 +224,118 @@ def derive_bandwidth(ref: audio.AudioRef, smoe_cfg: SMoEDataConfig) -> str:
     return audio.spectral_bandwidth(audio.resample(wav, sr), audio.TARGET_SAMPLE_RATE, smoe_cfg.spectral_threshold_db)
 
 
+@dataclass
+class ParsedRow:
+    id: str
+    audio: str  # absolute path or zip slice
+    n_frames: int
+    tgt_text: str
+    speaker: str
+    src_lang: str
+    tgt_lang: str
+    task: str
+    bandwidth: str
+    encoder_route: int
+    decoder_route: int
+    prefix: List[int]
+
+
+class RowChecker:
+    """Turns manifest rows into :class:`ParsedRow` s, or into the list of everything wrong with them.
+
+    Shared by the dataset (which stops at the first bad row) and ``python -m fairseq_smoe.validate`` (which lists
+    every problem of every row in one pass).
+    """
+
+    def __init__(self, smoe_cfg: SMoEDataConfig, tgt_dict: Optional[Dictionary], force_task=None, force_tgt_lang=None):
+        self.smoe_cfg = smoe_cfg
+        self.table = smoe_cfg.routing_table
+        self.tgt_dict = tgt_dict
+        self.force_task = force_task
+        self.force_tgt_lang = force_tgt_lang
+        self.seen_ids: Dict[str, str] = {}
+        self.n_derived = 0
+
+    def check(self, row: Dict[str, str], where: str, base: str, check_audio: bool = False):
+        """``(ParsedRow, [])`` for a good row, ``(None, problems)`` otherwise."""
+        problems: List[str] = []
+        if row["id"] in self.seen_ids:
+            problems.append(f"duplicate id, first seen at {self.seen_ids[row['id']]}")
+        else:
+            self.seen_ids[row["id"]] = where
+        n = None
+        try:
+            n = int(row["n_frames"])
+            if n <= 0:
+                problems.append(f"n_frames must be positive, got {n}")
+        except ValueError:
+            problems.append(f"n_frames {row['n_frames']!r} is not an integer")
+        if not row["tgt_text"].strip():
+            problems.append("empty tgt_text")
+        task = self.force_task or row["task"]
+        tgt_lang = self.force_tgt_lang or row["tgt_lang"]
+        dec_route, prefix = None, []
+        if task not in TASK_TO_GUIDING_TOKEN:
+            problems.append(f"unknown task {task!r}; expected one of {list(TASK_TO_GUIDING_TOKEN)}")
+        elif not tgt_lang:
+            problems.append("empty tgt_lang")
+        else:
+            token = TASK_TO_GUIDING_TOKEN[task]
+            try:
+                dec_route = self.table.decoder_route_id(token, tgt_lang)
+            except KeyError as e:
+                problems.append(e.args[0])
+            if self.tgt_dict is not None:
+                for sym in (guiding_token(token), lang_tag(tgt_lang)):
+                    idx = self.tgt_dict.index(sym)
+                    if idx == self.tgt_dict.unk():
+                        problems.append(
+                            f"guiding token {sym} is not in the dictionary; rebuild the vocabulary with "
+                            f"fairseq_smoe.vocab (it adds <transcribe>, <translate> and a <lang:xx> per language)"
+                        )
+                    prefix.append(idx)
+        try:
+            ref = audio.resolve(row["audio"], base)
+        except audio.AudioError as e:
+            ref = None
+            problems.append(str(e))
+        bandwidth = (row.get("bandwidth") or "").strip()
+        if ref is not None:
+            try:
+                if not bandwidth:
+                    bandwidth = derive_bandwidth(ref, self.smoe_cfg)
+                    self.n_derived += 1
+                    if self.n_derived % 1000 == 0:
+                        logger.info(f"derived the bandwidth of {self.n_derived} files ...")
+                elif check_audio or not ref.is_slice:
+                    if not os.path.isfile(ref.path):
+                        raise audio.AudioError(f"{ref}: file not found")
+                if check_audio:
+                    audio.check_source(ref)
+            except audio.AudioError as e:
+                problems.append(str(e))
+        enc_route = None
+        if bandwidth:
+            try:
+                enc_route = self.table.encoder_route_id(bandwidth)
+            except KeyError as e:
+                problems.append(e.args[0])
+        if problems:
+            return None, problems
+        return ParsedRow(
+            id=row["id"], audio=str(ref), n_frames=n, tgt_text=row["tgt_text"], speaker=row.get("speaker", ""),
+            src_lang=row.get("src_lang", ""), tgt_lang=tgt_lang, task=task, bandwidth=bandwidth,
+            encoder_route=enc_route, decoder_route=dec_route, prefix=prefix,
+        ), []
+
+
+def manifest_base(root: str, cfg_audio_root: Optional[str], manifest_path: str) -> str:
+    """Relative ``audio`` fields resolve against ``audio_root`` (itself relative to the data dir) or the manifest's folder."""
+    if cfg_audio_root:
+        return cfg_audio_root if os.path.isabs(cfg_audio_root) else os.path.join(root, cfg_audio_root)
+    return os.path.dirname(os.path.abspath(manifest_path))
+
+
 class SMoEDatasetCreator:
     """Builds :class:`SMoESpeechToTextDataset` from one or more manifests (``train_asr,train_st``: rows merged)."""
 
@@ -241,94 +353,28 @@ class SMoEDatasetCreator:
         force_task: Optional[str] = None,
         force_tgt_lang: Optional[str] = None,
     ) -> SMoESpeechToTextDataset:
-        table = smoe_cfg.routing_table
-        cols: Dict[str, list] = {k: [] for k in (
-            "ids", "audio_paths", "n_frames", "tgt_texts", "speakers", "src_langs", "tgt_langs", "tasks",
-            "bandwidths", "encoder_routes", "decoder_routes", "prefixes")}
-        seen_ids: Dict[str, str] = {}
-        audio_root = cfg.audio_root or None
-        if audio_root and not os.path.isabs(audio_root):
-            audio_root = os.path.join(root, audio_root)
-        n_derived = 0
+        checker = RowChecker(smoe_cfg, tgt_dict, force_task, force_tgt_lang)
+        parsed: List[ParsedRow] = []
         for split in splits.split(","):
             path = os.path.join(root, f"{split}.tsv")
-            rows = read_manifest(path)
-            base = audio_root or os.path.dirname(os.path.abspath(path))
-            for line, row in enumerate(rows, start=2):
+            base = manifest_base(root, cfg.audio_root or None, path)
+            n_derived = checker.n_derived
+            for line, row in enumerate(read_manifest(path), start=2):
                 where = f"{path}:{line} (id {row['id']!r})"
-                if row["id"] in seen_ids:
-                    raise ManifestError(f"{where}: duplicate id, first seen at {seen_ids[row['id']]}")
-                seen_ids[row["id"]] = where
-                try:
-                    n = int(row["n_frames"])
-                except ValueError:
-                    raise ManifestError(f"{where}: n_frames {row['n_frames']!r} is not an integer") from None
-                if n <= 0:
-                    raise ManifestError(f"{where}: n_frames must be positive, got {n}")
-                if not row["tgt_text"].strip():
-                    raise ManifestError(f"{where}: empty tgt_text")
-                task = force_task or row["task"]
-                if task not in TASK_TO_GUIDING_TOKEN:
-                    raise ManifestError(f"{where}: unknown task {task!r}; expected one of {list(TASK_TO_GUIDING_TOKEN)}")
-                tgt_lang = force_tgt_lang or row["tgt_lang"]
-                if not tgt_lang:
-                    raise ManifestError(f"{where}: empty tgt_lang")
-                token = TASK_TO_GUIDING_TOKEN[task]
-                try:
-                    dec_route = table.decoder_route_id(token, tgt_lang)
-                except KeyError as e:
-                    raise ManifestError(f"{where}: {e.args[0]}") from None
-                prefix = []
-                for sym in (guiding_token(token), lang_tag(tgt_lang)):
-                    idx = tgt_dict.index(sym)
-                    if idx == tgt_dict.unk():
-                        raise ManifestError(
-                            f"{where}: guiding token {sym} is not in the dictionary; rebuild the vocabulary with "
-                            f"fairseq_smoe.vocab (it adds <transcribe>, <translate> and a <lang:xx> per language)"
-                        )
-                    prefix.append(idx)
-                bandwidth = (row.get("bandwidth") or "").strip()
-                if not bandwidth:
-                    try:
-                        bandwidth = derive_bandwidth(audio.resolve(row["audio"], base), smoe_cfg)
-                    except audio.AudioError as e:
-                        raise ManifestError(f"{where}: {e}") from None
-                    n_derived += 1
-                    if n_derived % 1000 == 0:
-                        logger.info(f"derived bandwidth of {n_derived} files ...")
-                try:
-                    enc_route = table.encoder_route_id(bandwidth)
-                except KeyError as e:
-                    raise ManifestError(f"{where}: {e.args[0]}") from None
-                cols["ids"].append(row["id"])
-                cols["audio_paths"].append(row["audio"])
-                cols["n_frames"].append(n)
-                cols["tgt_texts"].append(row["tgt_text"])
-                cols["speakers"].append(row.get("speaker", ""))
-                cols["src_langs"].append(row.get("src_lang", ""))
-                cols["tgt_langs"].append(tgt_lang)
-                cols["tasks"].append(task)
-                cols["bandwidths"].append(bandwidth)
-                cols["encoder_routes"].append(enc_route)
-                cols["decoder_routes"].append(dec_route)
-                cols["prefixes"].append(prefix)
-            if n_derived:
-                logger.info(f"{path}: bandwidth derived from audio ({smoe_cfg.bandwidth_detection}) for {n_derived} rows")
-        # audio paths are resolved per manifest; keep them absolute so one dataset can mix manifests
+                item, problems = checker.check(row, where, base)
+                if problems:
+                    raise ManifestError(f"{where}: " + "; ".join(problems))
+                parsed.append(item)
+            if checker.n_derived > n_derived:
+                logger.info(f"{path}: bandwidth derived from audio ({smoe_cfg.bandwidth_detection}) "
+                            f"for {checker.n_derived - n_derived} rows")
         return SMoESpeechToTextDataset(
             split=splits, is_train_split=is_train_split, cfg=cfg, smoe_cfg=smoe_cfg,
-            tgt_dict=tgt_dict, pre_tokenizer=pre_tokenizer, bpe_tokenizer=bpe_tokenizer,
-            audio_root=None, **_absolute_audio(cols, root, audio_root, splits),
+            tgt_dict=tgt_dict, pre_tokenizer=pre_tokenizer, bpe_tokenizer=bpe_tokenizer, audio_root=None,
+            ids=[r.id for r in parsed], audio_paths=[r.audio for r in parsed], n_frames=[r.n_frames for r in parsed],
+            tgt_texts=[r.tgt_text for r in parsed], speakers=[r.speaker for r in parsed],
+            src_langs=[r.src_lang for r in parsed], tgt_langs=[r.tgt_lang for r in parsed],
+            tasks=[r.task for r in parsed], bandwidths=[r.bandwidth for r in parsed],
+            encoder_routes=[r.encoder_route for r in parsed], decoder_routes=[r.decoder_route for r in parsed],
+            prefixes=[r.prefix for r in parsed],
         )
-
-
-def _absolute_audio(cols: Dict[str, list], root: str, audio_root: Optional[str], splits: str) -> Dict[str, list]:
-    """Rewrite relative ``audio`` fields against ``audio_root`` or their manifest's folder (all under ``root``)."""
-    base = audio_root or os.path.abspath(root)
-    fixed = []
-    for a in cols["audio_paths"]:
-        ref_path = a if os.path.isabs(a) else os.path.join(base, a)
-        fixed.append(ref_path)
-    cols = dict(cols)
-    cols["audio_paths"] = fixed
-    return cols

@@ -13,15 +13,27 @@ calls ``torch.load`` without ``weights_only``, so a checkpoint written by ``fair
 
 Everything else fairseq saves (``OrderedDict`` state dicts, ints/floats/strings, ``cfg`` converted to plain dicts)
 is already allowed by torch. We register exactly these globals instead of passing ``weights_only=False``, so a
-checkpoint holding any other global still fails with torch's ``UnpicklingError`` naming that global and nothing in
-it runs. ``_reconstruct`` is registered under both its numpy < 2 (``numpy.core``) and numpy >= 2 (``numpy._core``)
+checkpoint holding any other global is refused (:class:`UnsafeCheckpointError`, naming the file and the global) and
+nothing in it runs. A trusted legacy file (e.g. one whose ``cfg`` is a pickled omegaconf ``DictConfig``) is opted in
+explicitly, once, by converting it::
+
+    python -m fairseq_smoe.checkpoint_safety --trust OLD.pt --out NEW.pt
+ ``_reconstruct`` is registered under both its numpy < 2 (``numpy.core``) and numpy >= 2 (``numpy._core``)
 names, because the pickle records the name of the numpy that saved it, not the one that loads it.
 """
 
 import argparse
+import functools
+import os
+import pickle
+import sys
 
 import numpy as np
 import torch
+
+from fairseq import checkpoint_utils
+
+from . import model_signature
 
 try:  # numpy >= 2 (1.26 also ships this alias)
     from numpy._core import multiarray as _np_multiarray
@@ -45,4 +57,101 @@ def register() -> None:
         add_safe_globals(list(FAIRSEQ_CHECKPOINT_GLOBALS))
 
 
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holding pickled objects outside the allow-list (an ``UnpicklingError``, as torch raises)."""
+
+
+def refusal_message(path: str, detail: str) -> str:
+    reason = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                  detail.strip().splitlines()[0] if detail.strip() else "unknown reason")
+    return (
+        f"{path}: refused to load: it holds pickled objects beyond what fairseq checkpoints contain, and "
+        f"unpickling them could run code ({reason}). If you made this file or trust where it came from, convert it "
+        f"once with `python -m fairseq_smoe.checkpoint_safety --trust {path} --out CONVERTED.pt` and use the "
+        f"converted file."
+    )
+
+
+def _guarded(load):
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        model_signature._loading["path"] = str(path)  # named by mismatch errors raised while loading weights
+        try:
+            return load(path, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(refusal_message(str(path), str(e))) from None
+
+    load_checkpoint_to_cpu.smoe_guarded = True
+    return load_checkpoint_to_cpu
+
+
+def guard_fairseq_loader() -> None:
+    """Route fairseq's ``load_checkpoint_to_cpu`` (resume, generate, ensembles) through :func:`_guarded`."""
+    if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "smoe_guarded", False):
+        checkpoint_utils.load_checkpoint_to_cpu = _guarded(checkpoint_utils.load_checkpoint_to_cpu)
+
+
+def _plain(obj):
+    """Containers of plain values from a legacy checkpoint's objects (omegaconf configs become dicts)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:
+        pass
+    if isinstance(obj, dict):  # dict or OrderedDict (state dicts), both allowed
+        return type(obj)((k, _plain(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
+def convert_trusted(src: str, dst: str) -> None:
+    """Load a checkpoint the user vouches for with full unpickling, and write it back in the allow-listed form."""
+    state = torch.load(src, map_location="cpu", weights_only=False)  # explicit opt-in: the user said --trust
+    state = _plain(state)
+    tmp = f"{dst}.tmp"
+    torch.save(state, tmp)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+    unsafe = [g for g in unsafe if g not in {_name(e) for e in FAIRSEQ_CHECKPOINT_GLOBALS}]
+    if unsafe:
+        os.unlink(tmp)
+        raise UnsafeCheckpointError(
+            f"{src}: still holds objects outside the allow-list after conversion: {unsafe}; convert them to plain "
+            f"containers by hand"
+        )
+    os.replace(tmp, dst)
+
+
+def _name(entry) -> str:
+    return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description="Convert a trusted legacy checkpoint into one that loads under torch's weights_only allow-list."
+    )
+    p.add_argument("--trust", required=True, metavar="CHECKPOINT",
+                   help="the checkpoint to convert; it is fully unpickled, so only name a file you trust")
+    p.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    a = p.parse_args(argv)
+    if not os.path.isfile(a.trust):
+        print(f"error: {a.trust}: no such file", file=sys.stderr)
+        return 2
+    try:
+        convert_trusted(a.trust, a.out)
+    except UnsafeCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{a.out}: converted from {a.trust}; it loads with weights_only=True")
+    return 0
+
+
 register()
+guard_fairseq_loader()
+
+if __name__ == "__main__":
+    sys.exit(main())

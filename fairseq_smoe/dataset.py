@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fairseq.data import Dictionary
+from fairseq.data import Dictionary, data_utils
 from fairseq.data.audio.data_cfg import S2TDataConfig
 from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset, SpeechToTextDatasetItem
 
@@ -91,6 +91,11 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         pre_tokenizer=None,
         bpe_tokenizer=None,
         audio_root: Optional[str] = None,
+        manifest_paths: Sequence[str] = (),
+        row_manifests: Optional[List[int]] = None,
+        row_lines: Optional[List[int]] = None,
+        seed: int = 1,
+        skip_bad_samples: bool = False,
     ):
         if cfg.prepend_tgt_lang_tag or cfg.prepend_bos_and_append_tgt_lang_tag:
             raise ValueError(
@@ -107,6 +112,13 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         self.encoder_routes = np.asarray(encoder_routes, dtype=np.int64)
         self.decoder_routes = np.asarray(decoder_routes, dtype=np.int64)
         self.prefixes = torch.tensor(prefixes, dtype=torch.long)
+        # where each row came from (manifest, line), kept compact for corpora of millions of rows
+        self.manifest_paths = list(manifest_paths)
+        self.row_manifests = None if row_manifests is None else np.asarray(row_manifests, dtype=np.int32)
+        self.row_lines = None if row_lines is None else np.asarray(row_lines, dtype=np.int64)
+        self.seed = seed
+        self.epoch = 1
+        self.skip_bad_samples = skip_bad_samples
         super().__init__(
             split, is_train_split, cfg, audio_paths, n_frames,
             tgt_texts=tgt_texts, speakers=speakers, src_langs=src_langs, tgt_langs=tgt_langs, ids=ids,
@@ -124,6 +136,15 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         return f"{self.__class__.__name__}(split={self.split!r}, n_samples={self.n_samples:_}, task/bandwidth={counts})"
 
     # ---------------------------------------------------------------- source
+    def where(self, index: int) -> str:
+        """``manifest.tsv:LINE (id 'x')`` of a sample, for error messages."""
+        if self.row_manifests is None:
+            return f"{self.split} (id {self.ids[index]!r})"
+        return f"{self.manifest_paths[self.row_manifests[index]]}:{self.row_lines[index]} (id {self.ids[index]!r})"
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     def _get_source_audio(self, index) -> torch.Tensor:
         if not isinstance(index, (int, np.integer)):
             raise ValueError("concatenated sources (ConcatAugment) are not supported")
@@ -141,11 +162,22 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
                 f"{self.cfg.input_feat_per_channel}"
             )
         if self.feature_transforms is not None:
-            feats = self.feature_transforms(feats)
+            # SpecAugment draws from numpy's global RNG: seed it per (epoch, sample) so that a resumed run, any
+            # number of data-loader workers and any number of GPUs see the same augmentation
+            with data_utils.numpy_seed(self.seed, self.epoch, int(index)):
+                feats = self.feature_transforms(feats)
         return torch.from_numpy(np.ascontiguousarray(feats)).float()
 
-    def __getitem__(self, index: int) -> SMoEDatasetItem:
-        source = self._get_source_audio(index)
+    def __getitem__(self, index: int) -> Optional[SMoEDatasetItem]:
+        try:
+            source = self._get_source_audio(index)
+        except audio.AudioError as e:
+            if not self.skip_bad_samples:
+                raise audio.AudioError(
+                    f"{self.where(index)}: {e} (--skip-bad-samples skips and counts such samples)"
+                ) from None
+            logger.warning(f"skipped {self.where(index)}: {e}")
+            return None
         text = self.get_tokenized_tgt_text(index)
         tokens = self.tgt_dict.encode_line(text, add_if_not_exist=False, append_eos=True).long()
         prefix = self.prefixes[index]
@@ -160,10 +192,13 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         )
 
     # ---------------------------------------------------------------- batch
-    def collater(self, samples: List[SMoEDatasetItem], return_order: bool = False) -> Dict:
+    def collater(self, samples: List[Optional[SMoEDatasetItem]], return_order: bool = False) -> Dict:
+        n_skipped = sum(s is None for s in samples)  # unreadable audio under --skip-bad-samples
+        samples = [s for s in samples if s is not None]
         if len(samples) == 0:
-            return {}
+            return {}  # fairseq treats an empty dict as a batch to skip
         out = super().collater(samples, return_order=True)
+        out["n_skipped"] = n_skipped
         order = out["order"] if return_order else out.pop("order")
         pad = self.tgt_dict.pad()
         # the guiding prefix is decoder input only: mask it out of what criteria score
@@ -339,6 +374,9 @@ def manifest_base(root: str, cfg_audio_root: Optional[str], manifest_path: str) 
 class SMoEDatasetCreator:
     """Builds :class:`SMoESpeechToTextDataset` from one or more manifests (``train_asr,train_st``: rows merged)."""
 
+    # bad rows listed in the log when --skip-bad-samples skips them (the validate command lists them all)
+    MAX_LOGGED_PROBLEMS = 20
+
     @classmethod
     def from_tsv(
         cls,
@@ -352,22 +390,48 @@ class SMoEDatasetCreator:
         is_train_split: bool,
         force_task: Optional[str] = None,
         force_tgt_lang: Optional[str] = None,
+        seed: int = 1,
+        skip_bad_samples: bool = False,
     ) -> SMoESpeechToTextDataset:
         checker = RowChecker(smoe_cfg, tgt_dict, force_task, force_tgt_lang)
         parsed: List[ParsedRow] = []
+        manifest_paths: List[str] = []
+        row_manifests: List[int] = []
+        row_lines: List[int] = []
         for split in splits.split(","):
             path = os.path.join(root, f"{split}.tsv")
             base = manifest_base(root, cfg.audio_root or None, path)
             n_derived = checker.n_derived
+            manifest_paths.append(path)
+            n_rows = n_bad = 0
             for line, row in enumerate(read_manifest(path), start=2):
+                n_rows += 1
                 where = f"{path}:{line} (id {row['id']!r})"
                 item, problems = checker.check(row, where, base)
                 if problems:
-                    raise ManifestError(f"{where}: " + "; ".join(problems))
+                    message = f"{where}: " + "; ".join(problems)
+                    if not skip_bad_samples:
+                        raise ManifestError(
+                            message + f" (python -m fairseq_smoe.validate {path} lists every problem; "
+                            f"--skip-bad-samples skips bad rows)"
+                        )
+                    n_bad += 1
+                    if n_bad <= cls.MAX_LOGGED_PROBLEMS:
+                        logger.warning(f"skipped {message}")
+                    continue
                 parsed.append(item)
+                row_manifests.append(len(manifest_paths) - 1)
+                row_lines.append(line)
+            if n_bad:
+                logger.warning(
+                    f"{path}: skipped {n_bad} of {n_rows} rows (--skip-bad-samples); "
+                    f"`python -m fairseq_smoe.validate {path}` lists every problem"
+                )
             if checker.n_derived > n_derived:
                 logger.info(f"{path}: bandwidth derived from audio ({smoe_cfg.bandwidth_detection}) "
                             f"for {checker.n_derived - n_derived} rows")
+        if not parsed:
+            raise ManifestError(f"{splits}: no usable rows in {manifest_paths}")
         return SMoESpeechToTextDataset(
             split=splits, is_train_split=is_train_split, cfg=cfg, smoe_cfg=smoe_cfg,
             tgt_dict=tgt_dict, pre_tokenizer=pre_tokenizer, bpe_tokenizer=bpe_tokenizer, audio_root=None,
@@ -376,5 +440,6 @@ class SMoEDatasetCreator:
             src_langs=[r.src_lang for r in parsed], tgt_langs=[r.tgt_lang for r in parsed],
             tasks=[r.task for r in parsed], bandwidths=[r.bandwidth for r in parsed],
             encoder_routes=[r.encoder_route for r in parsed], decoder_routes=[r.decoder_route for r in parsed],
-            prefixes=[r.prefix for r in parsed],
+            prefixes=[r.prefix for r in parsed], manifest_paths=manifest_paths, row_manifests=row_manifests,
+            row_lines=row_lines, seed=seed, skip_bad_samples=skip_bad_samples,
         )

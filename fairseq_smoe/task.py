@@ -23,7 +23,7 @@ from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 
-from . import evaluation
+from . import evaluation, model_signature
 from .config import ConfigError, SMoEDataConfig
 from .dataset import SMoEDatasetCreator
 from .routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token
@@ -49,6 +49,9 @@ class SpeechToTextSMoETask(SpeechToTextTask):
                             help="skip the greedy decoding that reports WER/BLEU at validation")
         parser.add_argument("--eval-max-len-b", type=int, default=200, metavar="N",
                             help="maximum hypothesis length when decoding at validation")
+        parser.add_argument("--skip-bad-samples", action="store_true",
+                            help="skip manifest rows with problems and audio that cannot be read, count them and "
+                                 "log each one, instead of stopping at the first (the default)")
 
     def __init__(self, args, tgt_dict):
         super().__init__(args, tgt_dict)
@@ -85,12 +88,16 @@ class SpeechToTextSMoETask(SpeechToTextTask):
             is_train_split=is_train_split,
             force_task=getattr(self.args, "force_task", None),
             force_tgt_lang=getattr(self.args, "force_tgt_lang", None),
+            seed=getattr(self.args, "seed", 1),
+            skip_bad_samples=getattr(self.args, "skip_bad_samples", False),
         )
 
     # ----------------------------------------------------------------- model
     def build_model(self, args, from_checkpoint=False):
         self._check_or_set_routes(args)
-        return super().build_model(args, from_checkpoint)
+        model = super().build_model(args, from_checkpoint)
+        model_signature.attach(model, self.routing_table, self.tgt_dict, str(Path(args.data) / self.data_cfg.vocab_filename))
+        return model
 
     def _check_or_set_routes(self, args):
         """Put the routing table in the model args (hence the checkpoint); refuse a model routed otherwise."""
@@ -126,9 +133,18 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         with torch.no_grad():
             return generator.generate(models, sample, prefix_tokens=prefix, constraints=constraints)
 
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+        if not ignore_grad:  # fairseq's stand-in batches (ignore_grad) must not count
+            logging_output["n_skipped"] = sample.get("n_skipped", 0)
+        return loss, sample_size, logging_output
+
     # ------------------------------------------------------------ validation
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        logging_output["n_skipped"] = sample.get("n_skipped", 0)
         if not getattr(self.args, "no_eval_scores", False):
             logging_output.update(self._eval_scores(sample, model))
         return loss, sample_size, logging_output
@@ -165,6 +181,9 @@ class SpeechToTextSMoETask(SpeechToTextTask):
             value = sum(log.get(key, 0) for log in logging_outputs)
             return value.cpu().item() if torch.is_tensor(value) else value
 
+        skipped = total("n_skipped")
+        if skipped:
+            metrics.log_scalar_sum("n_skipped", skipped)
         words = total("_wer_words")
         if words > 0:
             metrics.log_scalar_sum("_wer_errors", total("_wer_errors"))

@@ -6,6 +6,7 @@ The checkpoints come from a few updates of a tiny ``translation --eval-bleu`` tr
 ``--restore-file`` resume, which goes through ``load_checkpoint_to_cpu`` in the training process.
 """
 
+import argparse
 import os
 import pickle
 import random
@@ -19,7 +20,7 @@ import torch
 
 import fairseq_smoe  # noqa: F401  (registers the allow-list)
 from fairseq import checkpoint_utils
-from fairseq_smoe.checkpoint_safety import FAIRSEQ_CHECKPOINT_GLOBALS, register
+from fairseq_smoe.checkpoint_safety import FAIRSEQ_CHECKPOINT_GLOBALS, UnsafeCheckpointError, register
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "fairseq_smoe"
@@ -134,10 +135,61 @@ def test_malicious_checkpoint_is_refused(tmp_path, payload):
     }[payload]
     path = tmp_path / "checkpoint_evil.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "cfg": None, "extra_state": {"x": evil}}, path)
-    with pytest.raises(pickle.UnpicklingError) as err:
+    with pytest.raises(UnsafeCheckpointError) as err:
         checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    assert "weights_only" in str(err.value) and offending in str(err.value)
+    assert isinstance(err.value, pickle.UnpicklingError)  # what torch raises, for callers that catch it
+    message = str(err.value)
+    assert message.startswith(f"{path}: refused to load") and offending in message
+    assert f"python -m fairseq_smoe.checkpoint_safety --trust {path}" in message
     assert not marker.exists()
+
+
+def test_generate_refuses_a_malicious_checkpoint_with_a_clear_error(tmp_path, trained):
+    """Through fairseq-generate, as a user meets it: one clear line, exit status 1, nothing executed."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint_evil.pt"
+    state = torch.load(trained / "run" / "checkpoint_last.pt", weights_only=True)
+    state["extra_state"]["x"] = Reducer(os.system, f'mkdir "{marker}"')
+    torch.save(state, path)
+    proc = subprocess.run([
+        sys.executable, "-m", "fairseq_cli.generate", str(trained / "bin"), "--path", str(path),
+        "--user-dir", str(PLUGIN), "--cpu", "--gen-subset", "valid",
+    ], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"UnsafeCheckpointError: {path}: refused to load" in proc.stderr
+    assert "posix.system" in proc.stderr or "os.system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_trusted_legacy_checkpoint_is_converted_explicitly(tmp_path, trained):
+    """An old-style checkpoint (cfg pickled as omegaconf DictConfig) is refused until the user converts it."""
+    from omegaconf import OmegaConf
+
+    state = torch.load(trained / "run" / "checkpoint_last.pt", weights_only=True)
+    cfg = {k: (vars(v) if isinstance(v, argparse.Namespace) else v) for k, v in state["cfg"].items()}
+    state["cfg"] = OmegaConf.create(cfg)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy)
+    with pytest.raises(UnsafeCheckpointError, match="omegaconf"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(legacy))
+
+    converted = tmp_path / "converted.pt"
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.checkpoint_safety", "--trust", str(legacy),
+                           "--out", str(converted)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(torch.load(converted, weights_only=True)["cfg"], dict)
+    models, cfg = checkpoint_utils.load_model_ensemble([str(converted)])
+    assert cfg.model.encoder_embed_dim == 16
+    original = torch.load(trained / "run" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(models[0].state_dict()[k], v) for k, v in original.items())
+
+
+def test_convert_refuses_a_missing_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.checkpoint_safety", "--trust",
+                           str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and f"{tmp_path / 'nope.pt'}: no such file" in proc.stderr
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_allow_list_is_exactly_what_checkpoints_hold():

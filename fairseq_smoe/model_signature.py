@@ -1,0 +1,105 @@
+"""What a model was trained with (routing table, dictionary), stored in its state dict and checked on every load.
+
+A checkpoint used with another ``config.yaml`` routing table or another dictionary would otherwise fail with a
+tensor shape-mismatch trace (another dictionary size, another number of experts) or, worse, load and run with the
+experts or the output tokens silently swapped (same sizes, other order). fairseq loads weights in several places
+(``--restore-file`` / ``checkpoint_last.pt`` resume, ``fairseq-generate``, ``--finetune-from-model``), all through
+``model.load_state_dict``; the hooks registered here run there, so every one of them refuses the mismatch with an
+error naming the dictionary file, the routes and the checkpoint.
+
+The signature is a ``uint8`` tensor holding JSON, under :data:`SIGNATURE_KEY`; checkpoints written before it existed
+are still checked for the dictionary size.
+"""
+
+import hashlib
+import json
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from fairseq.data import Dictionary
+
+from .routing import RoutingTable
+
+SIGNATURE_KEY = "smoe_signature"
+EMBED_KEY = "decoder.embed_tokens.weight"
+
+# path of the checkpoint fairseq is loading (set by checkpoint_safety's loader), for error messages
+_loading: Dict[str, Optional[str]] = {"path": None}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint trained with another routing table or dictionary than the data it is used with."""
+
+
+def dictionary_md5(d: Dictionary) -> str:
+    return hashlib.md5("\n".join(d.symbols).encode("utf-8")).hexdigest()
+
+
+def make_signature(table: RoutingTable, tgt_dict: Dictionary, encoder_experts: bool, decoder_experts: bool) -> dict:
+    return {
+        "encoder_routes": list(table.encoder_routes) if encoder_experts else None,
+        "decoder_routes": list(table.decoder_routes) if decoder_experts else None,
+        "dictionary_size": len(tgt_dict),
+        "dictionary_md5": dictionary_md5(tgt_dict),
+    }
+
+
+def encode(sig: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(sig, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode(t: torch.Tensor) -> dict:
+    return json.loads(bytes(t.tolist()).decode("utf-8"))
+
+
+def _checkpoint_name() -> str:
+    return _loading["path"] or "the checkpoint being loaded"
+
+
+def compare(saved: Optional[dict], own: dict, dict_path: str, embed_rows: Optional[int]) -> None:
+    """Raise :class:`CheckpointMismatchError` if a checkpoint's signature (or embedding size) differs from ``own``."""
+    ckpt = _checkpoint_name()
+    for side in ("encoder", "decoder"):
+        key = f"{side}_routes"
+        if saved is not None and saved.get(key) != own[key]:
+            have = "no experts" if saved.get(key) is None else f"{side} experts routed as {saved[key]}"
+            want = "no experts" if own[key] is None else f"{side} experts routed as {own[key]}"
+            raise CheckpointMismatchError(
+                f"{ckpt} was trained with {have}, but this run's model has {want} (config.yaml smoe.{key} and "
+                f"--arch): expert i would receive another route's data. Use the routing table and architecture the "
+                f"checkpoint was trained with."
+            )
+    size = saved["dictionary_size"] if saved is not None else embed_rows
+    if size is not None and size != own["dictionary_size"]:
+        raise CheckpointMismatchError(
+            f"{ckpt} was trained with a dictionary of {size} entries, but {dict_path} has "
+            f"{own['dictionary_size']}: use the dictionary and SentencePiece model the checkpoint was trained with"
+        )
+    if saved is not None and saved["dictionary_md5"] != own["dictionary_md5"]:
+        raise CheckpointMismatchError(
+            f"{ckpt} was trained with another dictionary of the same size ({size} entries, md5 "
+            f"{saved['dictionary_md5']}) than {dict_path} (md5 {own['dictionary_md5']}): token ids would mean other "
+            f"tokens. Use the dictionary the checkpoint was trained with."
+        )
+
+
+def attach(model: nn.Module, table: RoutingTable, tgt_dict: Dictionary, dict_path: str) -> None:
+    """Save the signature with ``model.state_dict()`` and check it in ``model.load_state_dict()``."""
+    encoder_experts = getattr(getattr(model, "encoder", None), "num_experts", 1) > 1
+    decoder_experts = getattr(getattr(model, "decoder", None), "num_experts", 1) > 1
+    own = make_signature(table, tgt_dict, encoder_experts, decoder_experts)
+    model.smoe_signature = own
+
+    def save_hook(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + SIGNATURE_KEY] = encode(own)
+        return state_dict
+
+    def load_pre_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        raw = state_dict.pop(prefix + SIGNATURE_KEY, None)
+        embed = state_dict.get(prefix + EMBED_KEY)
+        compare(None if raw is None else decode(raw), own, dict_path, None if embed is None else embed.shape[0])
+
+    model._register_state_dict_hook(save_hook)
+    model._register_load_state_dict_pre_hook(load_pre_hook)

@@ -115,6 +115,8 @@ def read_waveform(ref: AudioRef) -> Tuple[np.ndarray, int]:
         raise AudioError(f"{ref}: no samples")
     if not SUPPORTED_RATES[0] <= sr <= SUPPORTED_RATES[1]:
         raise AudioError(f"{ref}: sample rate {sr} Hz outside the supported {SUPPORTED_RATES[0]}-{SUPPORTED_RATES[1]} Hz")
+    if not np.isfinite(wav).all():  # float WAVs can hold them; they would turn the loss into NaN
+        raise AudioError(f"{ref}: samples contain NaN or inf")
     return wav[:, 0], int(sr)
 
 
@@ -139,17 +141,32 @@ def read_features(ref: AudioRef) -> np.ndarray:
 RESAMPLE_KWARGS = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=16, rolloff=0.945, beta=8.6)
 
 
-def check_source(ref: AudioRef) -> None:
-    """Decode a manifest's source fully and raise :class:`AudioError` if training would fail on it."""
+def check_source(ref: AudioRef) -> int:
+    """Decode a manifest's source fully; its number of fbank frames, or :class:`AudioError` if training would fail."""
     src, is_npy = _open(ref)
     if is_npy:
-        read_features(ref)
-        return
+        return read_features(ref).shape[0]
     wav, sr = read_waveform(ref)
-    if num_fbank_frames(int(len(wav) * TARGET_SAMPLE_RATE / sr)) == 0:
+    frames = num_fbank_frames(int(round(len(wav) * TARGET_SAMPLE_RATE / sr)))
+    if frames == 0:
         raise AudioError(f"{ref}: {len(wav) / sr * 1000:.1f} ms, shorter than one 25 ms analysis window")
-    if not np.isfinite(wav).all():
-        raise AudioError(f"{ref}: samples contain NaN or inf")
+    return frames
+
+
+# n_frames written by other tools (another fbank framing, resampling rounding) may differ by a few frames
+FRAME_TOLERANCE = (3, 0.05)
+
+
+def check_frames(ref, frames: int, expected: int) -> None:
+    """Raise :class:`AudioError` when a source decodes to clearly fewer/more frames than its manifest row says.
+
+    A truncated WAV decodes without error (libsndfile reads what is there), so this is how it is caught.
+    """
+    if abs(frames - expected) > max(FRAME_TOLERANCE[0], FRAME_TOLERANCE[1] * expected):
+        raise AudioError(
+            f"{ref}: {frames} fbank frames, but the manifest says n_frames={expected}: truncated or replaced file? "
+            f"(if the audio is right, recompute n_frames)"
+        )
 
 
 def resample(wav: np.ndarray, sr: int, target: int = TARGET_SAMPLE_RATE) -> np.ndarray:

@@ -155,7 +155,8 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
             wav, sr = audio.read_waveform(ref)
             feats = audio.fbank(audio.resample(wav, sr), self.cfg.input_feat_per_channel)
             if feats.shape[0] == 0:
-                raise audio.AudioError(f"{ref}: shorter than one 25 ms analysis window")
+                raise audio.AudioError(f"{ref}: {len(wav) / sr * 1000:.1f} ms, shorter than one 25 ms analysis window")
+        audio.check_frames(ref, feats.shape[0], self.n_frames[index])
         if feats.shape[1] != self.cfg.input_feat_per_channel:
             raise audio.AudioError(
                 f"{ref}: {feats.shape[1]}-dim features, config.yaml says input_feat_per_channel="
@@ -346,7 +347,9 @@ class RowChecker:
                     if not os.path.isfile(ref.path):
                         raise audio.AudioError(f"{ref}: file not found")
                 if check_audio:
-                    audio.check_source(ref)
+                    frames = audio.check_source(ref)
+                    if n is not None and n > 0:
+                        audio.check_frames(ref, frames, n)
             except audio.AudioError as e:
                 problems.append(str(e))
         enc_route = None

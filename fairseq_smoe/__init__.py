@@ -8,6 +8,7 @@ else with a clear error), and atomic checkpoint copies so that a killed run alwa
 from . import atomic_checkpoints  # noqa: F401  (checkpoint copies written atomically)
 from . import checkpoint_safety  # noqa: F401  (registers the checkpoint allow-list)
 from . import models  # noqa: F401
+from . import criterions  # noqa: F401  (label_smoothed_cross_entropy_moe)
 from . import task  # noqa: F401
 
 __version__ = "0.1.0"

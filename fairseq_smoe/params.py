@@ -19,6 +19,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
 from .expert_layer import ExpertLinear
 from .routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable
+from .switch_layer import SwitchLinear
 
 
 class _DictionaryOnlyTask:
@@ -60,25 +61,33 @@ def build(arch: str, vocab_size: int, table: Optional[RoutingTable] = None, over
 
 
 def count(model: nn.Module, table: Optional[RoutingTable] = None) -> Dict:
-    """Total parameters, and active parameters for every (encoder route, decoder route) pair."""
+    """Total parameters, and active parameters for every (encoder route, decoder route) pair.
+
+    For a learned-gate (switch) model the expert is chosen per token, not per route pair: ``active`` then has one
+    entry, ``top-1``, counting one expert per FFN plus the routers.
+    """
     table = table or getattr(model, "routing_table", None) or RoutingTable()
     total = sum(p.numel() for p in model.parameters())
-    shared = 0
     per_expert = {"encoder": 0, "decoder": 0}
+    expert_total = 0
+    learned = False
     for name, module in model.named_modules():
         if isinstance(module, ExpertLinear):
             side = "encoder" if name.startswith("encoder.") else "decoder"
-            per_expert[side] += sum(p.numel() for p in module.parameters()) // module.num_experts
-    expert_total = sum(
-        p.numel() for m in model.modules() if isinstance(m, ExpertLinear) for p in m.parameters()
-    )
+            weights = module.weight.numel() + module.bias.numel()  # a switch fc1's router is shared, not expert
+            per_expert[side] += weights // module.num_experts
+            expert_total += weights
+            learned = learned or isinstance(module, SwitchLinear)
     shared = total - expert_total
+    one_route = shared + per_expert["encoder"] + per_expert["decoder"]
+    if learned:
+        return {"total": total, "active": {"top-1": one_route}}
     active = {}
     enc_routes = table.encoder_routes if per_expert["encoder"] else ("*",)
     dec_routes = table.decoder_routes if per_expert["decoder"] else ("*",)
     for e in enc_routes:
         for d in dec_routes:
-            active[f"{e}/{d}"] = shared + per_expert["encoder"] + per_expert["decoder"]
+            active[f"{e}/{d}"] = one_route
     return {"total": total, "active": active}
 
 

@@ -1,0 +1,75 @@
+"""Label-smoothed cross-entropy plus the switch load-balancing loss of learned-gate MoE models.
+
+``loss = label_smoothed_ce + moe_loss_coef * sample_size * mean over switch layers of aux_loss``, the form of
+fairseq's MoE branch (the aux loss is scaled by ``sample_size`` because fairseq divides the summed loss by it
+before the gradient step). Logs ``moe_aux`` (mean per-layer aux loss: 1.0 is perfectly balanced, ``num_experts``
+fully collapsed) and ``moe_dropped`` (fraction of tokens over capacity that skipped the FFN). With a model that has
+no switch layers (S-MoE, dense) it is exactly ``label_smoothed_cross_entropy``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fairseq import utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.logging import metrics
+
+from ..models.s2t_lmoe import AUX_KEY, MOE_CRITERION
+
+
+@dataclass
+class LabelSmoothedCrossEntropyMoECriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    moe_loss_coef: float = field(
+        default=0.01,
+        metadata={"help": "weight of the switch load-balancing loss (Switch Transformer: 0.01)"},
+    )
+
+
+@register_criterion(MOE_CRITERION, dataclass=LabelSmoothedCrossEntropyMoECriterionConfig)
+class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
+                 moe_loss_coef=0.01):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        if moe_loss_coef < 0:
+            raise ValueError(f"--moe-loss-coef must be >= 0, got {moe_loss_coef}")
+        self.moe_loss_coef = moe_loss_coef
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        records = net_output[1].get(AUX_KEY) if isinstance(net_output[1], dict) else None
+        if records:
+            aux = torch.stack([r["aux_loss"] for r in records]).mean()
+            dropped = torch.stack([r["dropped"] for r in records]).mean()
+            loss = loss + self.moe_loss_coef * sample_size * aux.to(loss.dtype)
+            logging_output["moe_aux"] = aux.data * sample_size
+            logging_output["moe_dropped"] = dropped.data * sample_size
+        logging_output["loss"] = loss.data
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = utils.item(n_correct.data)
+            logging_output["total"] = utils.item(total.data)
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        logs = [log for log in logging_outputs if "moe_aux" in log]
+        if logs:
+            sample_size = sum(log.get("sample_size", 0) for log in logs)
+            for key in ("moe_aux", "moe_dropped"):
+                value = sum(log[key] for log in logs)
+                value = value.item() if torch.is_tensor(value) else value
+                metrics.log_scalar(key, value / max(sample_size, 1), sample_size, round=3)

@@ -1,0 +1,183 @@
+"""The learned-gate MoE baseline: the same S2T Transformers with top-1 switch-routed FFN experts.
+
+Same sizes and the same number of experts per FFN as S-MoE (by default as many as the routing table has encoder /
+decoder routes), but a learned per-token router chooses the expert instead of the sample's bandwidth or task. It
+is the paper's open comparison (supervised vs learned routing) and the speed reference of ``benchmarks/``.
+Route ids in ``net_input`` are accepted and ignored, so it trains and decodes with ``--task speech_to_text_smoe``.
+Train it with ``--criterion label_smoothed_cross_entropy_moe`` so the load-balancing loss is optimised.
+"""
+
+import logging
+
+from torch import nn
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.speech_to_text.s2t_transformer import (
+    S2TTransformerEncoder,
+    S2TTransformerModel,
+    TransformerDecoderScriptable,
+)
+from fairseq.models.transformer import TransformerConfig
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+from ..switch_layer import (
+    AuxLossCollector,
+    SwitchLinear,
+    SwitchState,
+    SwitchTransformerDecoderLayer,
+    SwitchTransformerEncoderLayer,
+)
+from .s2t_smoe import _SIZES, base_architecture as smoe_base_architecture, routing_table_from_args
+
+logger = logging.getLogger(__name__)
+
+MOE_CRITERION = "label_smoothed_cross_entropy_moe"
+AUX_KEY = "moe_router_stats"  # net_output[1][AUX_KEY]: one dict per switch layer (aux_loss, dropped)
+
+
+def _switch_state(args, num_experts: int) -> SwitchState:
+    return SwitchState(num_experts, args.moe_capacity_factor, args.moe_eval_capacity_factor)
+
+
+class S2TLMoEEncoder(S2TTransformerEncoder):
+    """fairseq's S2T encoder whose FFNs are switch-routed experts when ``num_experts > 1``."""
+
+    def __init__(self, args, num_experts: int):
+        super().__init__(args)
+        self.num_experts = num_experts
+        if num_experts > 1:
+            self.transformer_layers = nn.ModuleList(
+                [SwitchTransformerEncoderLayer(args, _switch_state(args, num_experts))
+                 for _ in range(args.encoder_layers)]
+            )
+
+    def forward(self, src_tokens, src_lengths, return_all_hiddens: bool = False, **route_ids):
+        """``encoder_route_ids`` / ``decoder_route_ids`` from the S-MoE collater are ignored: the router decides."""
+        return super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
+
+
+class S2TLMoEDecoder(TransformerDecoderScriptable):
+    """fairseq's S2T decoder whose FFNs are switch-routed experts when ``num_experts > 1``."""
+
+    def __init__(self, args, dictionary, embed_tokens, num_experts: int):
+        self.num_experts = num_experts  # used by build_decoder_layer, which the parent constructor calls
+        super().__init__(args, dictionary, embed_tokens)
+
+    def build_decoder_layer(self, args, no_encoder_attn=False):
+        if self.num_experts <= 1:
+            return super().build_decoder_layer(args, no_encoder_attn)
+        cfg = TransformerConfig.from_namespace(args)
+        layer = SwitchTransformerDecoderLayer(cfg, no_encoder_attn, _switch_state(args, self.num_experts))
+        checkpoint = cfg.checkpoint_activations  # wrap exactly as fairseq's build_decoder_layer does
+        if checkpoint:
+            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+@register_model("s2t_lmoe")
+class S2TLMoEModel(S2TTransformerModel):
+    """Speech-to-text Transformer with learned top-1 (switch) routed expert FFNs in encoder and/or decoder."""
+
+    @staticmethod
+    def add_args(parser):
+        S2TTransformerModel.add_args(parser)
+        parser.add_argument("--encoder-lmoe", action="store_true",
+                            help="switch-routed FFN experts in every encoder layer")
+        parser.add_argument("--decoder-lmoe", action="store_true",
+                            help="switch-routed FFN experts in every decoder layer")
+        parser.add_argument("--encoder-experts", type=int, metavar="N",
+                            help="experts per encoder FFN (default: as many as encoder routes, like S-MoE)")
+        parser.add_argument("--decoder-experts", type=int, metavar="N",
+                            help="experts per decoder FFN (default: as many as decoder routes, like S-MoE)")
+        parser.add_argument("--moe-capacity-factor", type=float, metavar="F",
+                            help="training: an expert takes at most ceil(F * tokens / experts) tokens, the rest "
+                                 "skip the FFN (default 1.25)")
+        parser.add_argument("--moe-eval-capacity-factor", type=float, metavar="F",
+                            help="the same at validation and inference (default 2.0)")
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        table = routing_table_from_args(args)
+        # resolved once and saved in the checkpoint, so a later routing table cannot change the expert count
+        if args.encoder_experts is None:
+            args.encoder_experts = table.num_encoder_routes if args.encoder_lmoe else 1
+        if args.decoder_experts is None:
+            args.decoder_experts = table.num_decoder_routes if args.decoder_lmoe else 1
+        criterion = getattr(args, "criterion", None)
+        if criterion not in (None, MOE_CRITERION):
+            logger.warning(f"--criterion {criterion} does not optimise the switch load-balancing loss; "
+                           f"use --criterion {MOE_CRITERION}")
+        model = super().build_model(args, task)
+        model.routing_table = table
+        model.router_stats = AuxLossCollector()
+        for module in model.modules():
+            if isinstance(module, SwitchLinear):
+                module.state.collector = model.router_stats
+        return model
+
+    @classmethod
+    def build_encoder(cls, args):
+        if getattr(args, "load_pretrained_encoder_from", None):
+            raise ValueError("--load-pretrained-encoder-from is not supported for s2t_lmoe models")
+        return S2TLMoEEncoder(args, args.encoder_experts)
+
+    @classmethod
+    def build_decoder(cls, args, task, embed_tokens):
+        return S2TLMoEDecoder(args, task.target_dictionary, embed_tokens, args.decoder_experts)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, **route_ids):
+        """Full forward (training/validation): the decoder's extra output carries every switch layer's stats."""
+        with self.router_stats.collect() as records:
+            encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)
+            x, extra = self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+        extra[AUX_KEY] = records
+        return x, extra
+
+
+def base_architecture(args):
+    args.encoder_lmoe = getattr(args, "encoder_lmoe", False)
+    args.decoder_lmoe = getattr(args, "decoder_lmoe", False)
+    args.encoder_experts = getattr(args, "encoder_experts", None)
+    args.decoder_experts = getattr(args, "decoder_experts", None)
+    args.moe_capacity_factor = getattr(args, "moe_capacity_factor", None) or 1.25
+    args.moe_eval_capacity_factor = getattr(args, "moe_eval_capacity_factor", None) or 2.0
+    smoe_base_architecture(args)
+
+
+def _variant(encoder: bool, decoder: bool, doc: str):
+    def variant(args):
+        args.encoder_lmoe = getattr(args, "encoder_lmoe", encoder)
+        args.decoder_lmoe = getattr(args, "decoder_lmoe", decoder)
+
+    variant.__doc__ = doc
+    return variant
+
+
+_VARIANTS = {
+    "s2t_dec_lmoe": _variant(False, True, "Decoder FFNs are switch-routed experts."),
+    "s2t_enc_lmoe": _variant(True, False, "Encoder FFNs are switch-routed experts."),
+    "s2t_encdec_lmoe": _variant(True, True, "Encoder and decoder FFNs are switch-routed experts."),
+}
+
+
+def _register(arch_name: str, size_fn, variant_fn):
+    def arch(args):
+        if size_fn is not None:
+            size_fn(args)
+        variant_fn(args)
+        base_architecture(args)
+
+    arch.__name__ = arch_name
+    arch.__doc__ = f"{variant_fn.__doc__} Size: {size_fn.__doc__ if size_fn else 'paper'}"
+    register_model_architecture("s2t_lmoe", arch_name)(arch)
+    return arch
+
+
+ARCHITECTURES = {}
+for _name, _variant_fn in _VARIANTS.items():
+    for _suffix, _size_fn in _SIZES.items():
+        ARCHITECTURES[_name + _suffix] = _register(_name + _suffix, _size_fn, _variant_fn)
+
+register_model_architecture("s2t_lmoe", "s2t_lmoe")(base_architecture)

@@ -47,6 +47,20 @@ def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
         sf.write(str(tmp), wav, sr, subtype="PCM_16", format="WAV")
 
 
+AUDIO_WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+
+
+def write_audio(path: Path, wav: np.ndarray, sr: int) -> None:
+    """16-bit ``.wav`` or ``.flac`` (format from the suffix), written atomically."""
+    import soundfile as sf
+
+    fmt = AUDIO_WRITE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: can only write {sorted(AUDIO_WRITE_FORMATS)} audio")
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), wav, sr, subtype="PCM_16", format=fmt)
+
+
 def write_manifest(path: Path, rows: Sequence[Dict[str, str]], columns: Sequence[str] = MANIFEST_COLUMNS) -> None:
     """TSV in the plugin's manifest format; text fields must not hold tabs or newlines."""
     with atomic_path(path) as tmp:
@@ -67,8 +81,11 @@ def clean_text(text: str) -> str:
 
 
 def n_frames_of(num_samples: int, sr: int) -> int:
-    """fbank frames of a clip once resampled to 16 kHz (the manifest's ``n_frames``)."""
-    return audio.num_fbank_frames(int(round(num_samples * audio.TARGET_SAMPLE_RATE / sr)))
+    """fbank frames of a clip once resampled to 16 kHz (the manifest's ``n_frames``).
+
+    torchaudio's resampler returns ``ceil(n * 16000 / sr)`` samples (rounding would be one short for e.g. 22.05 kHz).
+    """
+    return audio.num_fbank_frames(-(-num_samples * audio.TARGET_SAMPLE_RATE // sr))
 
 
 def make_nb_copy(src: str, dst: str) -> int:

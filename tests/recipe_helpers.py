@@ -1,0 +1,116 @@
+"""Shared by the recipe tests: flite speech for fixture corpora, running a recipe's shell script, and checking the
+data directory it wrote against the plugin (task, dataset, real fbank frame counts, the validate command)."""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import soundfile as sf
+
+from fairseq_smoe.prep.common import MANIFEST_COLUMNS
+from fixture_corpus import _flite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def say(text: str, voice: str, cache_dir: Path) -> np.ndarray:
+    """16 kHz float32 speech of ``text`` by a flite voice (cached across the session)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "say.wav"
+        _flite(voice, text, out, cache_dir)
+        wav, sr = sf.read(out, dtype="float32")
+    assert sr == 16000 and wav.ndim == 1
+    return wav
+
+
+def run_recipe(corpus: str, *args, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """``recipes/<corpus>/prep.sh ARGS`` with this interpreter; fails the test with its output if it fails."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    cmd = ["bash", str(REPO / "recipes" / corpus / "prep.sh"), *map(str, args)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **popen)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-4000:]}")
+    return res
+
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        assert reader.fieldnames == MANIFEST_COLUMNS, (path, reader.fieldnames)
+        return list(reader)
+
+
+def manifests(out_dir: Path) -> Dict[str, List[Dict[str, str]]]:
+    return {p.stem: read_rows(p) for p in sorted(Path(out_dir).glob("*.tsv"))}
+
+
+def load_split(out_dir: Path, split: str):
+    """The split as the plugin's task loads it for training."""
+    from fairseq_smoe.task import SpeechToTextSMoETask
+
+    parser = argparse.ArgumentParser()
+    SpeechToTextSMoETask.add_args(parser)
+    args = parser.parse_args([str(out_dir)])
+    args.seed = 1
+    task = SpeechToTextSMoETask.setup_task(args)
+    task.load_dataset(split)
+    return task, task.datasets[split]
+
+
+def check_frames_and_routes(out_dir: Path, split: str) -> int:
+    """Every row's n_frames equals the fbank frames the dataset computes; bandwidth column = encoder route."""
+    task, ds = load_split(out_dir, split)
+    rows = read_rows(Path(out_dir) / f"{split}.tsv")
+    assert len(ds) == len(rows)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item.source.shape == (int(rows[i]["n_frames"]), 80), (rows[i]["id"], item.source.shape)
+        assert ds.bandwidths[i] == rows[i]["bandwidth"]
+        prefix = task.target_dictionary.string(item.target[:2])
+        guide = "<transcribe>" if rows[i]["task"] == "asr" else "<translate>"
+        assert prefix == f"{guide} <lang:{rows[i]['tgt_lang']}>", (rows[i]["id"], prefix)
+    return len(ds)
+
+
+def validate(out_dir: Path) -> int:
+    """``python -m fairseq_smoe.validate --check-audio`` (in-process) on the split manifests, then on the
+    per-task/bandwidth slices (a slice repeats its split's ids, so the two groups are checked apart)."""
+    from fairseq_smoe import validate as v
+
+    summary = json.loads((Path(out_dir) / "prep.json").read_text())["manifests"]
+    tsvs = sorted(Path(out_dir).glob("*.tsv"))
+    assert sorted(p.stem for p in tsvs) == sorted(summary)
+    splits = [p for p in tsvs if p.stem in _splits(summary)]
+    slices = [p for p in tsvs if p not in splits]
+    return max(v.main([*map(str, group), "--check-audio"]) for group in (splits, slices))
+
+
+def _splits(summary) -> set:
+    """Split manifests are the names no other manifest name extends with '_<task>_<lang>_<bw>'."""
+    return {n for n in summary if not any(m != n and n.startswith(m + "_") for m in summary)}
+
+
+def tree_state(out_dir: Path) -> Dict[str, int]:
+    """Modification times (ns) of every file under ``out_dir``, to show a rerun rewrote no audio."""
+    return {str(p.relative_to(out_dir)): p.stat().st_mtime_ns for p in Path(out_dir).rglob("*") if p.is_file()}
+
+
+# (English, German, Spanish) for fixture corpora; flite speaks the English
+SENTENCES = [
+    ("the cat sits on the mat", "die katze sitzt auf der matte", "el gato se sienta en la alfombra"),
+    ("the dog runs in the park", "der hund läuft im park", "el perro corre en el parque"),
+    ("i like green apples", "ich mag grüne äpfel", "me gustan las manzanas verdes"),
+    ("she reads a book every night", "sie liest jeden abend ein buch", "ella lee un libro cada noche"),
+    ("we eat bread and cheese", "wir essen brot und käse", "comemos pan y queso"),
+    ("the sun is hot today", "die sonne ist heute heiß", "el sol está caliente hoy"),
+    ("my house is very small", "mein haus ist sehr klein", "mi casa es muy pequeña"),
+    ("he drinks cold water", "er trinkt kaltes wasser", "él bebe agua fría"),
+]
+LANG_COLUMN = {"en": 0, "de": 1, "es": 2}

@@ -313,8 +313,11 @@ def prepare(utts: Sequence[Utterance], opts: Options) -> dict:
     langs = sorted({r["tgt_lang"] for split_rows in rows.values() for r in split_rows})
     if (out_dir / "spm.model").exists() and (out_dir / "spm.txt").exists():
         check_vocab_covers(out_dir, langs)
-    vocab_cfg = write_vocab(out_dir, vocab_texts(utts, opts.tasks), langs, opts.vocab_size,
-                            model_type=opts.vocab_type, byte_fallback=opts.byte_fallback)
+    try:
+        vocab_cfg = write_vocab(out_dir, vocab_texts(utts, opts.tasks), langs, opts.vocab_size,
+                                model_type=opts.vocab_type, byte_fallback=opts.byte_fallback)
+    except RuntimeError as e:  # SentencePiece's own message says what to change (e.g. a too small --vocab-size)
+        raise PrepError(f"{out_dir / 'spm.model'}: SentencePiece cannot train it: {e}") from None
     write_config(out_dir, vocab_cfg, specaugment=opts.specaugment)
 
     summary = {"manifests": {}, "dropped": dict(dropped), "langs": langs}

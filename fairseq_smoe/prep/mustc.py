@@ -41,7 +41,8 @@ def read_split(root: Path, lang: str, split: str, with_asr: bool) -> List[Uttera
     for needed in (split_dir / "wav", yaml_path, txt / f"{split}.en", txt / f"{split}.{lang}"):
         if not needed.exists():
             raise PrepError(f"{needed}: not found (MuST-C layout: {pair}/data/{split}/wav/*.wav, "
-                            f"{pair}/data/{split}/txt/{split}.{{yaml,en,{lang}}})")
+                            f"{pair}/data/{split}/txt/{split}.{{yaml,en,{lang}}}), or leave the split out with "
+                            f"--splits")
     try:
         with open(yaml_path, encoding="utf-8") as f:
             segments = yaml.load(f, Loader=getattr(yaml, "CBaseLoader", yaml.BaseLoader))  # strings only, fast

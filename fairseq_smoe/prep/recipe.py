@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import audio
+from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, TASK_TO_GUIDING_TOKEN, RoutingTable
 from ..vocab import guiding_tokens
 from .common import (
     MANIFEST_COLUMNS,
@@ -89,6 +90,7 @@ class Options:
     min_train_frames: int = 5
     workers: Optional[int] = None
     specaugment: bool = True
+    decoder_routes: Tuple[str, ...] = DEFAULT_DECODER_ROUTES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,11 +294,24 @@ def check_vocab_covers(out_dir: Path, langs: Sequence[str]) -> None:
                         f"{dict_path} to train a vocabulary for the languages of this run")
 
 
+def routing_table(utts: Sequence[Utterance], opts: Options) -> RoutingTable:
+    """The config's routes; every (task, target language) of the corpus must have a decoder expert."""
+    try:
+        table = RoutingTable(DEFAULT_ENCODER_ROUTES, opts.decoder_routes)
+        for u in utts:
+            for task, lang, _ in targets(u, opts.tasks):
+                table.decoder_route_name(TASK_TO_GUIDING_TOKEN[task], lang)
+    except (KeyError, ValueError) as e:
+        raise PrepError(f"--decoder-routes {','.join(opts.decoder_routes)}: {e.args[0]}") from None
+    return table
+
+
 def prepare(utts: Sequence[Utterance], opts: Options) -> dict:
     """Audio, manifests, vocabulary and config.yaml for ``utts`` in ``opts.out_dir``; returns the summary."""
     if not utts:
         raise PrepError("no utterances found; check the corpus path and --splits")
     check_utterances(utts)
+    table = routing_table(utts, opts)
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out_dir)
@@ -318,7 +333,8 @@ def prepare(utts: Sequence[Utterance], opts: Options) -> dict:
                                 model_type=opts.vocab_type, byte_fallback=opts.byte_fallback)
     except RuntimeError as e:  # SentencePiece's own message says what to change (e.g. a too small --vocab-size)
         raise PrepError(f"{out_dir / 'spm.model'}: SentencePiece cannot train it: {e}") from None
-    write_config(out_dir, vocab_cfg, specaugment=opts.specaugment)
+    write_config(out_dir, vocab_cfg, specaugment=opts.specaugment, extra={"smoe": {
+        "encoder_routes": list(table.encoder_routes), "decoder_routes": list(table.decoder_routes)}})
 
     summary = {"manifests": {}, "dropped": dict(dropped), "langs": langs}
     for split, split_rows in sorted(rows.items()):
@@ -367,13 +383,17 @@ def add_common_args(p: argparse.ArgumentParser, tasks: Sequence[str] = TASKS) ->
     g.add_argument("--audio-format", choices=["wav", "flac"], default="wav",
                    help="format of the audio the recipe writes (flac: about half the disk, slower to read)")
     g.add_argument("--max-train-seconds", type=float, default=30.0, help="drop longer train utterances (30)")
+    g.add_argument("--decoder-routes", default=",".join(DEFAULT_DECODER_ROUTES),
+                   help="decoder experts written to config.yaml, e.g. transcribe,translate:de,translate:es for one "
+                        "ST expert per language (default: transcribe,translate)")
     g.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 
 
 def options_from_args(a: argparse.Namespace, tasks: Sequence[str] = TASKS) -> Options:
     return Options(out_dir=a.out_dir, bandwidths=a.bandwidths, tasks=getattr(a, "tasks", tuple(tasks)),
                    vocab_size=a.vocab_size, vocab_type=a.vocab_type, byte_fallback=a.byte_fallback,
-                   audio_format=a.audio_format, max_train_seconds=a.max_train_seconds, workers=a.workers)
+                   audio_format=a.audio_format, max_train_seconds=a.max_train_seconds, workers=a.workers,
+                   decoder_routes=tuple(r.strip() for r in a.decoder_routes.split(",")))
 
 
 def _user_error(e: BaseException) -> Optional[BaseException]:

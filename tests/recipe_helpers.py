@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List
 
@@ -64,6 +65,20 @@ def load_split(out_dir: Path, split: str):
     return task, task.datasets[split]
 
 
+@contextmanager
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only contend (10x slower under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@one_torch_thread()
 def check_frames_and_routes(out_dir: Path, split: str) -> int:
     """Every row's n_frames equals the fbank frames the dataset computes; bandwidth column = encoder route."""
     task, ds = load_split(out_dir, split)
@@ -114,3 +129,31 @@ SENTENCES = [
     ("he drinks cold water", "er trinkt kaltes wasser", "él bebe agua fría"),
 ]
 LANG_COLUMN = {"en": 0, "de": 1, "es": 2}
+
+
+@one_torch_thread()
+def train_step(out_dir: Path, split: str):
+    """One forward/backward of ``s2t_encdec_smoe_xs`` on a mixed batch holding one utterance of every (encoder
+    route, decoder route) pair of the split; returns the loss and, per expert layer, which experts got a gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from fairseq_smoe import params
+    from fairseq_smoe.expert_layer import ExpertLinear
+
+    torch.manual_seed(0)
+    task, ds = load_split(out_dir, split)
+    arch = "s2t_encdec_smoe_xs"
+    model = params.ARCH_MODEL_REGISTRY[arch].build_model(params.model_args(arch, task.routing_table), task)
+    first = {}
+    for i in range(len(ds)):
+        first.setdefault((int(ds.encoder_routes[i]), int(ds.decoder_routes[i])), i)
+    batch = ds.collater([ds[i] for i in first.values()])
+    out = model(**batch["net_input"])
+    lprobs = model.get_normalized_probs(out, log_probs=True)
+    loss = F.nll_loss(lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1),
+                      ignore_index=task.target_dictionary.pad())
+    loss.backward()
+    used = [[bool(m.weight.grad[e].abs().sum() > 0) for e in range(m.num_experts)]
+            for m in model.modules() if isinstance(m, ExpertLinear)]
+    return loss.item(), used

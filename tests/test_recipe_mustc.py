@@ -18,7 +18,7 @@ import soundfile as sf
 from fairseq_smoe.prep import mustc
 import yaml
 from recipe_helpers import (LANG_COLUMN, REPO, SENTENCES, check_frames_and_routes, load_split, manifests, read_rows,
-                            run_recipe, say, tree_state, validate)
+                            run_recipe, say, train_step, tree_state, validate)
 
 # split -> talk -> (speaker, flite voice, sentence indices)
 TALKS = {
@@ -119,6 +119,10 @@ def test_data_dir_loads_with_real_frame_counts(prepared):
     _, ds = load_split(out, "train")
     want = {"en": 0, "de": 1, "es": 2}
     assert ds.decoder_routes.tolist() == [want[r["tgt_lang"]] for r in read_rows(out / "train.tsv")]
+    # the model trains on it: a finite loss, and every expert (wb/nb encoder, 3 decoder) receives a gradient
+    loss, used = train_step(out, "train")
+    assert 0 < loss < 20 and used and all(all(layer) for layer in used)
+    assert {len(layer) for layer in used} == {2, 3}
     assert check_frames_and_routes(out, "tst-COMMON") == 12
     assert validate(out) == 0
 

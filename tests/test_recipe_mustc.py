@@ -143,23 +143,28 @@ def test_rerun_skips_finished_work(prepared, mustc_corpus, caplog):
     assert {p.name: p.read_bytes() for p in out.glob("*.tsv")} == manifests_before
 
 
-def test_interrupted_run_leaves_no_half_written_output_and_resumes(mustc_corpus, prepared, tmp_path):
-    """SIGKILL the recipe while it writes audio: no manifest or config exists, every audio file present is
-    complete, and a rerun finishes with exactly the manifests of an uninterrupted run."""
+@pytest.mark.parametrize("sig,exit_code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)],
+                         ids=["SIGKILL", "SIGINT"])
+def test_interrupted_run_leaves_no_half_written_output_and_resumes(mustc_corpus, prepared, tmp_path, sig, exit_code):
+    """Kill (SIGKILL) or Ctrl-C (SIGINT) the recipe while it writes audio: no manifest or config exists, every
+    audio file present is complete, and a rerun finishes with exactly the files of an uninterrupted run."""
     root = mustc_corpus[0]
     out = tmp_path / "out"
     cmd = ["bash", str(REPO / "recipes/mustc/prep.sh"), "--mustc-root", str(root), "--out-dir", str(out), *ARGS[:-2],
            "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "audio").rglob("*.wav"))) >= 3 if (out / "audio").exists() else False:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the recipe finished before it could be interrupted"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "audio").exists() and len(list((out / "audio").rglob("*.wav"))) >= 3:
+                os.killpg(proc.pid, sig)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    assert proc.returncode == exit_code, "the recipe finished before it could be interrupted"
+    if sig == signal.SIGINT:
+        assert "interrupted: finished audio in" in (tmp_path / "stderr").read_text()
     written = [p for p in (out / "audio").rglob("*") if p.is_file()]
     finished = [p for p in written if p.suffix == ".wav"]
     assert 3 <= len(finished) < 32

@@ -416,6 +416,10 @@ def run_cli(description: str, add_args: Callable[[argparse.ArgumentParser], None
     setup_logging()
     try:
         prepare(read_corpus(a), options_from_args(a, tasks))
+    except KeyboardInterrupt:
+        print(f"interrupted: finished audio in {a.out_dir} is kept, no manifest was half-written; rerun the same "
+              f"command to continue", file=sys.stderr)
+        return 130
     except (PrepError, RuntimeError, FileNotFoundError) as e:
         cause = _user_error(e)
         if cause is None:

@@ -1,7 +1,8 @@
 """What every public-corpus recipe shares: a corpus reader turns its files into :class:`Utterance` s, and
 :func:`prepare` turns those into an S-MoE data directory.
 
-    audio/<split>/<bw>/<group>/<id>.wav   segment cuts, decoded mp3s and telephone-band copies (atomic, skipped on rerun)
+    audio/<split>/<bw>/<group>/<id>.wav   segment cuts, decoded mp3s, telephone-band copies (``--audio-format flac``:
+                                          .flac); written atomically, skipped on rerun
     <split>.tsv                           every row of a split (train on ``train``, validate on ``dev``)
     <split>_<task>_<lang>_<bw>.tsv        one task, target language and bandwidth (test sets: WER/BLEU per column)
     spm.model, spm.txt, config.yaml       SentencePiece with the guiding tokens, fairseq's S2T config
@@ -13,7 +14,7 @@ by absolute path, never copied. Everything else is written as 16-bit audio: segm
 (300-3400 Hz, 8 kHz, G.711 mu-law; :func:`fairseq_smoe.audio.telephone_channel`). Audio, not fbank features, is
 stored because the plugin computes features on the fly: the encoder is routed by the audio's bandwidth, and the
 ``spectral`` bandwidth detection and any feature setting keep working. WB audio above 16 kHz is written at 16 kHz,
-the rate features are computed at, so nothing is lost and a third of the disk is saved for 48 kHz sources.
+the rate features are computed at: nothing is lost, and a 48 kHz source takes a third of the disk.
 """
 
 import argparse

@@ -111,7 +111,9 @@ class SpeechToTextSMoETask(SpeechToTextTask):
     def build_model(self, args, from_checkpoint=False):
         self._check_or_set_routes(args)
         model = super().build_model(args, from_checkpoint)
-        model_signature.attach(model, self.routing_table, self.tgt_dict, str(Path(args.data) / self.data_cfg.vocab_filename))
+        # self.args, not the model args: those come from the checkpoint at decoding time, with its training data dir
+        dict_path = str(Path(self.args.data) / self.data_cfg.vocab_filename)
+        model_signature.attach(model, self.routing_table, self.tgt_dict, dict_path)
         return model
 
     def _check_or_set_routes(self, args):

@@ -121,19 +121,64 @@ def test_resume_with_restore_file_then_decode(trained):
 
 def test_checkpoint_with_another_routing_table_is_refused(trained, tmp_path):
     data, work, _ = trained
-    swapped = tmp_path / "data"
-    swapped.mkdir()
-    for f in Path(data).iterdir():
-        if f.is_file():
-            (swapped / f.name).symlink_to(f)
-    (swapped / "wav").symlink_to(Path(data) / "wav")
     cfg = (Path(data) / "config.yaml").read_text().replace("- wb\n  - nb", "- nb\n  - wb")
     assert cfg != (Path(data) / "config.yaml").read_text()
-    (swapped / "config.yaml").unlink()
-    (swapped / "config.yaml").write_text(cfg)
-    proc = subprocess.run([
+    swapped = data_copy(data, tmp_path / "data", config=cfg)
+    err = refused([
         str(BIN / "fairseq-generate"), str(swapped), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
         "--gen-subset", "test_asr_wb", "--path", str(work / "ckpt" / "checkpoint_last.pt"), "--cpu",
-    ], cwd=tmp_path, capture_output=True, text=True)
+    ], tmp_path)
+    assert "encoder experts are routed as [wb,nb] but config.yaml (smoe.encoder_routes) says [nb,wb]" in err
+
+def data_copy(data, dest: Path, config=None, dictionary=None) -> Path:
+    """A data dir sharing the audio and manifests of ``data``, with its own config.yaml / spm.txt if given."""
+    dest.mkdir()
+    for f in Path(data).iterdir():
+        if f.is_file() and not (f.name == "config.yaml" and config) and not (f.name == "spm.txt" and dictionary):
+            (dest / f.name).symlink_to(f)
+    (dest / "wav").symlink_to(Path(data) / "wav")
+    if config:
+        (dest / "config.yaml").write_text(config)
+    if dictionary:
+        (dest / "spm.txt").write_text(dictionary)
+    return dest
+
+
+def refused(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "encoder experts are routed as [wb,nb] but config.yaml (smoe.encoder_routes) says [nb,wb]" in proc.stderr
+    assert "size mismatch" not in proc.stderr  # not torch's shape trace: our message
+    return proc.stderr
+
+
+@pytest.mark.parametrize("change", ["extra_entry", "same_size_reordered"])
+def test_checkpoint_with_another_dictionary_is_refused(trained, tmp_path, change):
+    data, work, _ = trained
+    lines = (Path(data) / "spm.txt").read_text().splitlines()
+    if change == "extra_entry":
+        lines.append("▁zebra 1")
+    else:
+        lines[10], lines[11] = lines[11], lines[10]
+    other = data_copy(data, tmp_path / "data", dictionary="\n".join(lines) + "\n")
+    ckpt = work / "ckpt" / "checkpoint_last.pt"
+    err = refused([
+        str(BIN / "fairseq-generate"), str(other), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
+        "--task", "speech_to_text_smoe", "--gen-subset", "test_asr_wb", "--path", str(ckpt), "--cpu",
+    ], tmp_path)
+    if change == "extra_entry":
+        assert f"CheckpointMismatchError: {ckpt} was trained with a dictionary of {len(lines) + 3} entries, " \
+               f"but {other / 'spm.txt'} has {len(lines) + 4}" in err, err[-3000:]
+    else:
+        assert f"CheckpointMismatchError: {ckpt} was trained with another dictionary of the same size" in err
+        assert str(other / "spm.txt") in err
+
+
+def test_resuming_with_another_routing_table_is_refused(trained, tmp_path):
+    """--restore-file loads weights into a model built from this run's config: the signature catches the swap."""
+    data, work, _ = trained
+    cfg = (Path(data) / "config.yaml").read_text().replace("- transcribe\n  - translate", "- translate\n  - transcribe")
+    swapped = data_copy(data, tmp_path / "data", config=cfg)
+    ckpt = work / "ckpt" / "checkpoint_last.pt"
+    err = refused(train_cmd(swapped, tmp_path / "resumed", UPDATES + 2, "--restore-file", str(ckpt)), tmp_path)
+    assert f"CheckpointMismatchError: {ckpt} was trained with decoder experts routed as ['transcribe', 'translate'], " \
+           f"but this run's model has decoder experts routed as ['translate', 'transcribe']" in err, err[-3000:]

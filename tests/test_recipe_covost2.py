@@ -127,7 +127,8 @@ def test_pre_split_covost_files(corpus, tmp_path):
      r"covost_v2\.en_de\.tsv: missing column\(s\) \['split'\]"),
     (lambda cv: (cv / "validated.tsv").write_text((cv / "validated.tsv").read_text() + "only\ttwo\n"),
      r"validated\.tsv:8: 2 tab-separated fields, the header has 8"),
-    (lambda cv: (cv / "covost_v2.en_de.tsv").unlink(), r"neither .*covost_v2\.en_de\.tsv nor .*covost_v2\.en_de\.train\.tsv"),
+    (lambda cv: (cv / "covost_v2.en_de.tsv").unlink(),
+     r"neither .*covost_v2\.en_de\.tsv nor .*covost_v2\.en_de\.train\.tsv"),
 ])
 def test_bad_input_is_named(corpus, tmp_path, capsys, damage, message):
     cv = tmp_path / "en"

@@ -71,7 +71,8 @@ def test_rows_bandwidths_and_audio_handling(corpus, prepared):
     # WB sources: wb rows + NB copies; NB sources (8 kHz, or the bandwidth column): nb rows only, no copy
     assert sorted(rows) == sorted(
         [f"a1_{t}_{bw}" for t in ("asr_en", "st_de", "st_es") for bw in ("wb", "nb")]
-        + [f"b_asr_en_{bw}" for bw in ("wb", "nb")] + [f"c_{t}_{bw}" for t in ("asr_en", "st_es") for bw in ("wb", "nb")]
+        + [f"b_asr_en_{bw}" for bw in ("wb", "nb")]
+        + [f"c_{t}_{bw}" for t in ("asr_en", "st_es") for bw in ("wb", "nb")]
         + ["d1_asr_en_nb", "d1_st_es_nb"] + [f"e1_asr_en_{bw}" for bw in ("wb", "nb")]
         + [f"talk_1_{t}_{bw}" for t in ("asr_en", "st_es") for bw in ("wb", "nb")] + ["talk_2_asr_en_nb"])
     assert rows["a1_st_de_wb"]["tgt_text"] == SENTENCES[0][1] and rows["a1_st_es_nb"]["tgt_text"] == SENTENCES[0][2]
@@ -87,7 +88,8 @@ def test_rows_bandwidths_and_audio_handling(corpus, prepared):
     assert rows["talk_2_asr_en_nb"]["audio"] == "audio/test/nb/talk_2.flac"
     assert sf.info(str(prepared / "audio/test/nb/talk_2.flac")).samplerate == 16000
     assert not (prepared / "audio/train/nb/d1.flac").exists()
-    assert sorted(m) == sorted(["train", "test"] + [f"train_{x}_{bw}" for x in ("asr_en", "st_es") for bw in ("nb", "wb")]
+    assert sorted(m) == sorted(["train", "test"]
+                               + [f"train_{x}_{bw}" for x in ("asr_en", "st_es") for bw in ("nb", "wb")]
                                + ["train_st_de_nb", "train_st_de_wb", "test_asr_en_nb", "test_asr_en_wb",
                                   "test_st_es_nb", "test_st_es_wb"])
     assert check_frames_and_routes(prepared, "train") == 16
@@ -102,11 +104,13 @@ def test_rows_bandwidths_and_audio_handling(corpus, prepared):
     ("audio\ttranscript\ttranslation\nclips/a.wav\t\t\n", r"corpus\.tsv:2: neither a transcript nor a translation"),
     ("audio\ttranslation\nclips/a.wav\thola\n", r"corpus\.tsv:2: a translation needs its language"),
     ("audio\ttranscript\tbandwidth\nclips/a.wav\thi\tsb\n", r"corpus\.tsv:2: bandwidth 'sb' is not nb or wb"),
-    ("audio\ttranscript\toffset\tduration\nclips/a.wav\thi\tsoon\t1\n", r"corpus\.tsv:2: offset 'soon' is not a number"),
+    ("audio\ttranscript\toffset\tduration\nclips/a.wav\thi\tsoon\t1\n",
+     r"corpus\.tsv:2: offset 'soon' is not a number"),
     ("audio\ttranscript\toffset\tduration\nclips/a.wav\thi\t0.5\t\n", r"corpus\.tsv:2: give both offset and duration"),
     ("id\taudio\ttranscript\nx\tclips/a.wav\thi\nx\tclips/b.flac\tho\n",
      r"corpus\.tsv:3: id 'x' was first used at .*corpus\.tsv:2 with source"),
-    ("audio\ttranscript\toffset\tduration\nclips/a.wav\thi\t30\t1\n", r"corpus\.tsv:2: offset 30\.000s is past the end"),
+    ("audio\ttranscript\toffset\tduration\nclips/a.wav\thi\t30\t1\n",
+     r"corpus\.tsv:2: offset 30\.000s is past the end"),
 ])
 def test_bad_input_is_named(corpus, tmp_path, capsys, tsv, message):
     shutil.copytree(corpus[0] / "clips", tmp_path / "clips")

@@ -82,10 +82,12 @@ def test_wideband_only_copies_no_audio(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "103-1240-0001.flac").unlink(), r"103-1240\.trans\.txt:2: audio file .*103-1240-0001\.flac not found"),
+    (lambda d: (d / "103-1240-0001.flac").unlink(),
+     r"103-1240\.trans\.txt:2: audio file .*103-1240-0001\.flac not found"),
     (lambda d: (d / "103-1240.trans.txt").write_text("103-1240-0000\n"),
      r"103-1240\.trans\.txt:1: expected '103-1240-<utt> TRANSCRIPT', got '103-1240-0000'"),
-    (lambda d: (d / "103-1240-0000.flac").write_bytes(b"not audio"), r"103-1240\.trans\.txt:1: cannot read .*0000\.flac"),
+    (lambda d: (d / "103-1240-0000.flac").write_bytes(b"not audio"),
+     r"103-1240\.trans\.txt:1: cannot read .*0000\.flac"),
 ])
 def test_bad_input_is_named(corpus, tmp_path, capsys, damage, message):
     root = tmp_path / "LibriSpeech"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Prepare an S-MoE data directory from CoVoST 2 on Common Voice (manifests, NB copies, SentencePiece vocabulary, config.yaml).
-#   recipes/covost2/prep.sh --cv-root /corpora/cv-corpus-4/en --src-lang en --tgt-lang de --out-dir data/covost2 [--bandwidths wb,nb] [--workers N]
-# All options: recipes/covost2/prep.sh --help. Rerunning skips finished work; an interrupted run leaves no half-written file.
+# S-MoE data directory from CoVoST 2 on Common Voice (ASR + ST):
+# manifests, WB audio + telephone-band NB copies, SentencePiece vocabulary, config.yaml.
+#   recipes/covost2/prep.sh --cv-root /corpora/cv-corpus-4/en --tgt-lang de --out-dir data/covost2
+# Options: recipes/covost2/prep.sh --help (and the README's "Public corpora recipes").
+# Rerunning skips finished work; an interrupted run leaves no half-written file.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 py="${PYTHON:-$repo/.venv/bin/python}"

@@ -191,3 +191,32 @@ def test_batching_keeps_every_sample_whatever_the_batch_multiple(tmp_path):
         batches = ds.batch_by_size(ds.ordered_indices(), max_tokens=None if max_sentences else 10_000,
                                    max_sentences=max_sentences, required_batch_size_multiple=multiple)
         assert sorted(int(i) for b in batches for i in b) == list(range(11)), (max_sentences, multiple)
+
+
+def test_global_cmvn_and_specaugment_come_from_config_transforms(tmp_path):
+    """fairseq's own S2T feature transforms apply: global CMVN everywhere, SpecAugment on train splits only."""
+    from fairseq_smoe import audio
+
+    write_corpus(tmp_path, ROWS[:2])
+    mean, std = np.full(80, 3.0, dtype=np.float32), np.full(80, 2.0, dtype=np.float32)
+    np.savez(tmp_path / "gcmvn.npz", mean=mean, std=std)
+    write_corpus(tmp_path, ROWS[:2], config_extra={
+        "global_cmvn": {"stats_npz_path": str(tmp_path / "gcmvn.npz")},
+        "transforms": {"*": ["global_cmvn"], "_train": ["global_cmvn", "specaugment"]},
+        "specaugment": {"freq_mask_F": 20, "freq_mask_N": 2, "time_mask_N": 2, "time_mask_T": 20,
+                        "time_mask_p": 1.0, "time_wrap_W": 0},
+    })
+    (tmp_path / "dev.tsv").write_text((tmp_path / "train.tsv").read_text())
+    task = make_task(tmp_path)
+    task.load_dataset("train")
+    task.load_dataset("dev")
+    wav, sr = audio.read_waveform(audio.resolve("wav/a.wav", str(tmp_path)))
+    raw = torch.from_numpy(audio.fbank(audio.resample(wav, sr)))
+    dev = task.datasets["dev"][0].source
+    assert torch.allclose(dev, (raw - 3.0) / 2.0, atol=1e-5)
+    train = task.datasets["train"][0].source
+    assert not torch.allclose(train, dev) and (train != dev).float().mean() > 0.05
+    # seeded per (epoch, sample): the same sample gives the same augmentation, another epoch another one
+    assert torch.equal(train, task.datasets["train"][0].source)
+    task.datasets["train"].set_epoch(2)
+    assert not torch.equal(train, task.datasets["train"][0].source)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -351,7 +352,18 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the temporary files a killed run left behind (they never replaced a finished file)."""
+    n = 0
+    for p in list(out.rglob(".*.tmp*")) + list(out.rglob(".tmp.*")):
+        if p.is_file():
+            p.unlink()
+            n += 1
+    return n
+
+
 def prepare(args) -> Dict:
+    start = time.time()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = out / "prep.done.json"
@@ -362,6 +374,9 @@ def prepare(args) -> Dict:
         logger.info(f"{out}: corpus complete ({done.name}); nothing to do")
         return previous
 
+    stale = remove_stale_temporaries(out)
+    if stale:
+        logger.info(f"{out}: removed {stale} temporary files of an interrupted run")
     plan_file = out / "plan.json"
     if plan_file.exists():
         saved = json.loads(plan_file.read_text(encoding="utf-8"))
@@ -374,7 +389,7 @@ def prepare(args) -> Dict:
         _write_json(plan_file, {"settings": settings_of(args), "clips": [asdict(c) for c in clips]})
         logger.info(f"planned {len(clips)} clips ({sum(c.source == 'synth' for c in clips)} synthetic) in {plan_file}")
 
-    info = make_audio(out, clips, workers=args.workers)
+    info = make_audio(out, clips, workers=args.workers, batch_size=args.batch_size)
     spectrum = spectrum_report(clips, info)
     _write_json(out / "spectrum.json", spectrum)
     logger.info(f"spectrum check passed: every NB clip < {NB_MAX_HIGH_BAND_DB} dB above 4 kHz "
@@ -388,6 +403,7 @@ def prepare(args) -> Dict:
     for name, rows in sorted(sets.items()):
         common.write_manifest(out / f"{name}.tsv", rows)
     result = summary(clips, sets, spectrum, args)
+    result["seconds"] = round(time.time() - start, 1)
     _write_json(done, result)
     logger.info(f"{out}: " + ", ".join(f"{k} {v} rows ({result['hours'][k]} h)" for k, v in result["rows"].items()))
     return result
@@ -425,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specaugment", action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=24, help="sentences per TTS process (progress granularity)")
     return p
 
 

@@ -120,26 +120,59 @@ class RoutingTable:
 class RouteBatch:
     """Route ids of one batch plus the grouping every expert layer of a stack reuses.
 
-    Computed once per forward pass of an encoder or decoder (not once per layer): either the whole batch takes
-    one route (``single``), or ``groups`` lists each used route with the batch rows that take it.
+    Computed once per forward pass of an encoder or decoder (not once per layer), from one host copy of the ids:
+    on a GPU that is one device-to-host transfer per batch instead of a sync for every ``unique``/``nonzero``/
+    ``min``/``max``. Either the whole batch takes one route (``single``; the layers then call that expert directly,
+    with no gather or scatter), or ``groups`` lists each used route with its rows, and ``perm`` (rows sorted by
+    route, stable), ``inverse`` and ``spans`` (route, start, end in ``perm``) let a mixed batch's FFN gather its
+    rows once in ``fc1`` and put them back once in ``fc2``.
     """
 
-    __slots__ = ("ids", "single", "groups")
+    __slots__ = ("ids", "single", "groups", "perm", "inverse", "spans")
 
-    def __init__(self, ids: torch.Tensor):
+    def __init__(self, ids: torch.Tensor, host_ids: Optional[torch.Tensor] = None):
         if ids.dim() != 1:
             raise ValueError(f"route ids must be a 1-D tensor (one per sample), got shape {tuple(ids.shape)}")
         self.ids = ids
-        used = torch.unique(ids)
+        host = ids.cpu() if host_ids is None else host_ids  # no-op for CPU tensors
+        used = torch.unique(host)
+        self.perm = self.inverse = None
+        self.spans: List[Tuple[int, int, int]] = []
         if used.numel() == 1:
-            self.single: Optional[int] = int(used.item())
+            self.single: Optional[int] = int(used[0])
             self.groups: Optional[List[Tuple[int, torch.Tensor]]] = None
-        else:
-            self.single = None
-            self.groups = [(int(r), (ids == r).nonzero().squeeze(1)) for r in used.tolist()]
+            return
+        self.single = None
+        order = torch.argsort(host, stable=True)
+        counts = torch.bincount(host).tolist() if host.numel() else []
+        start = 0
+        for r in used.tolist():
+            self.spans.append((r, start, start + counts[r]))
+            start += counts[r]
+        self.perm = order.to(ids.device, non_blocking=True)
+        self.inverse = torch.argsort(order).to(ids.device, non_blocking=True)
+        self.groups = [(r, self.perm[a:b]) for r, a, b in self.spans]
+
+    @classmethod
+    def of_single_route(cls, ids: torch.Tensor, route: int) -> "RouteBatch":
+        """A batch already known to take one route (e.g. kept through beam-search reordering): no host copy."""
+        batch = cls.__new__(cls)
+        batch.ids, batch.single, batch.groups = ids, int(route), None
+        batch.perm = batch.inverse = None
+        batch.spans = []
+        return batch
 
     def used_routes(self) -> List[int]:
         return [self.single] if self.single is not None else [r for r, _ in self.groups]
+
+
+def single_route_of(ids: torch.Tensor) -> Optional[int]:
+    """The route of a batch whose rows all take one route, else None (one host copy of the ids)."""
+    host = ids.cpu()
+    if host.numel() == 0:
+        return None
+    first = int(host[0])
+    return first if bool((host == first).all()) else None
 
 
 class RouteContext:
@@ -155,7 +188,8 @@ class RouteContext:
         self.current: Optional[RouteBatch] = None
 
     @contextmanager
-    def use(self, route_ids: Optional[torch.Tensor], batch_size: int):
+    def use(self, route_ids: Optional[torch.Tensor], batch_size: int, single: Optional[int] = None):
+        """Routes for one forward; ``single`` says the caller already knows every row takes that route."""
         if route_ids is None:
             raise ValueError(
                 f"the {self.where} has {self.num_routes} experts but the batch carries no {self.where} route ids; "
@@ -165,12 +199,19 @@ class RouteContext:
             raise ValueError(
                 f"{self.where} route ids: {route_ids.numel()} for a batch of {batch_size} samples"
             )
-        if route_ids.numel() and (int(route_ids.min()) < 0 or int(route_ids.max()) >= self.num_routes):
-            raise ValueError(
-                f"{self.where} route id out of range [0, {self.num_routes}): {route_ids.tolist()}"
-            )
+        if single is not None:
+            if not 0 <= single < self.num_routes:
+                raise ValueError(f"{self.where} route id out of range [0, {self.num_routes}): {single}")
+            batch = RouteBatch.of_single_route(route_ids, single)
+        else:
+            host = route_ids.cpu()
+            if host.numel() and (int(host.min()) < 0 or int(host.max()) >= self.num_routes):
+                raise ValueError(
+                    f"{self.where} route id out of range [0, {self.num_routes}): {host.tolist()}"
+                )
+            batch = RouteBatch(route_ids, host)
         previous = self.current
-        self.current = RouteBatch(route_ids)
+        self.current = batch
         try:
             yield self.current
         finally:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayer
 
-from .expert_layer import ExpertLinear
+from .expert_layer import ExpertLinear, grouped_linear
 
 
 class AuxLossCollector:
@@ -152,13 +152,11 @@ class SwitchLinear(ExpertLinear):
         return out.view(*dispatch.shape[:-1], self.out_features)
 
     def _per_expert(self, packed: Tensor, counts: List[int]) -> Tensor:
-        out = packed.new_empty(packed.size(0), self.out_features)
-        start = 0
+        spans, start = [], 0
         for e, c in enumerate(counts):
-            if c:
-                out[start:start + c] = self.expert_forward(packed[start:start + c], e)
+            spans.append((e, start, start + c))
             start += c
-        return out
+        return grouped_linear(packed, self.weight, self.bias, spans)
 
 
 class SwitchTransformerEncoderLayer(TransformerEncoderLayer):

@@ -27,12 +27,15 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from ..expert_layer import SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
-from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RouteContext, RoutingTable
+from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RouteContext, RoutingTable, single_route_of
 
 logger = logging.getLogger(__name__)
 
 ENCODER_ROUTE_KEY = "encoder_route_ids"
 DECODER_ROUTE_KEY = "decoder_route_ids"
+# [CPU scalar tensor] when every row of the batch takes one decoder route, else []: any beam-search reordering keeps
+# a one-route batch one-route, so incremental decoding steps need no device-to-host copy of the route ids
+DECODER_SINGLE_ROUTE_KEY = "decoder_single_route"
 
 
 def routing_table_from_args(args) -> RoutingTable:
@@ -71,11 +74,14 @@ class S2TSMoEEncoder(S2TTransformerEncoder):
         else:
             out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
         out[DECODER_ROUTE_KEY] = [] if decoder_route_ids is None else [decoder_route_ids]
+        single = None if decoder_route_ids is None else single_route_of(decoder_route_ids)
+        out[DECODER_SINGLE_ROUTE_KEY] = [] if single is None else [torch.tensor(single)]
         return out
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
         new = super().reorder_encoder_out(encoder_out, new_order)
         new[DECODER_ROUTE_KEY] = [x.index_select(0, new_order) for x in encoder_out.get(DECODER_ROUTE_KEY, [])]
+        new[DECODER_SINGLE_ROUTE_KEY] = list(encoder_out.get(DECODER_SINGLE_ROUTE_KEY, []))
         return new
 
 
@@ -114,10 +120,12 @@ class S2TSMoEDecoder(TransformerDecoderScriptable):
                 prev_output_tokens, encoder_out, incremental_state,
                 full_context_alignment, alignment_layer, alignment_heads,
             )
-        routes = None
+        routes, single = None, None
         if encoder_out is not None and len(encoder_out.get(DECODER_ROUTE_KEY, [])) > 0:
             routes = encoder_out[DECODER_ROUTE_KEY][0]
-        with self.route_context.use(routes, prev_output_tokens.size(0)):
+            if len(encoder_out.get(DECODER_SINGLE_ROUTE_KEY, [])) > 0:
+                single = int(encoder_out[DECODER_SINGLE_ROUTE_KEY][0])
+        with self.route_context.use(routes, prev_output_tokens.size(0), single=single):
             return super().extract_features(
                 prev_output_tokens, encoder_out, incremental_state,
                 full_context_alignment, alignment_layer, alignment_heads,

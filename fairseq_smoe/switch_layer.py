@@ -113,17 +113,21 @@ class SwitchLinear(ExpertLinear):
         gate, expert = probs.max(dim=-1)
         mask = state.padding_mask
         one_hot = F.one_hot(expert, num_experts).to(probs.dtype)
-        if mask is None or not mask.any():
-            real, n_real, probs_real = None, n, probs
-        else:
+        if mask is None:
+            real, probs_real = None, probs
+            n_real = denom = float(max(n, 1))
+            capacity = state.capacity(n, self.training)
+        else:  # counts stay on the device: no host sync here (the only one is the split sizes below)
             real = ~mask.transpose(0, 1).reshape(-1)  # T x B order, like ``flat``
-            n_real = int(real.sum())
             one_hot = one_hot * real.unsqueeze(1).to(probs.dtype)
             probs_real = probs * real.unsqueeze(1).to(probs.dtype)
-        denom = float(max(n_real, 1))
+            n_real = real.sum().to(probs.dtype)
+            denom = n_real.clamp(min=1.0)
+            factor = state.capacity_factor if self.training else state.eval_capacity_factor
+            capacity = torch.ceil(factor * n_real / num_experts).clamp(min=1.0)
         # position of each token in its expert's queue, in sequence order (T-major, as Switch/fairseq do)
         position = (one_hot.cumsum(0) * one_hot).sum(1) - 1
-        keep = position < state.capacity(n_real, self.training)
+        keep = position < capacity
         if real is not None:
             keep &= real
         if state.collector is not None and state.collector.active:

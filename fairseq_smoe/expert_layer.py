@@ -127,8 +127,8 @@ class ExpertLinear(nn.Module):
             return self.expert_forward(x, routes.single)
         if self.role == "fc1":  # T x B x C -> packed (B sorted by route) x T x out
             return self._per_span(x.transpose(0, BATCH_DIM).index_select(0, routes.perm), routes)
-        if self.role == "fc2":  # packed -> T x B x out, rows back in place
-            return self._per_span(x, routes).index_select(0, routes.inverse).transpose(0, BATCH_DIM)
+        if self.role == "fc2":  # packed -> T x B x out (contiguous, like a dense layer's), rows back in place
+            return self._per_span(x, routes).transpose(0, BATCH_DIM).index_select(BATCH_DIM, routes.inverse)
         out = x.new_empty(*x.shape[:-1], self.out_features)
         for expert, rows in routes.groups:
             out.index_copy_(BATCH_DIM, rows, self.expert_forward(x.index_select(BATCH_DIM, rows), expert))

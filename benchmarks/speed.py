@@ -247,7 +247,7 @@ def measure_memory(size: str, device: str, dtype_name: str, cfg) -> Dict:
     out = {}
     for system in SYSTEMS:
         cmd = [sys.executable, __file__, "--memory-worker", "--system", system, "--size", size, "--device", device,
-               "--dtype", dtype_name, "--batch", str(cfg.batch_size), "--frames", str(cfg.frames),
+               "--dtype", dtype_name, "--batch", str(cfg.train_batch_size), "--frames", str(cfg.frames),
                "--target-len", str(cfg.target_len), "--steps", "2", "--threads", str(cfg.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if proc.returncode != 0:
@@ -276,7 +276,8 @@ def measure_data_pipeline(n_utts: int, seconds: float, repeats: int) -> Dict:
         for i in range(n_utts):
             sr = 8000 if i % 2 else 16000
             t = np.arange(int(seconds * sr)) / sr
-            wav = 0.1 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(len(t))
+            wav = 0.1 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+            wav += 0.02 * rng.standard_normal(len(t))
             write_audio(root / f"u{i}.wav", wav.astype(np.float32), sr)
             rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "n_frames": int(seconds * 100) - 2,
                          "tgt_text": "the cat sits on the mat" if i % 4 < 2 else "el gato se sienta en la alfombra",
@@ -305,6 +306,7 @@ def measure_data_pipeline(n_utts: int, seconds: float, repeats: int) -> Dict:
 
 # ---------------------------------------------------------------------------------------------------- driver
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEASURES = ("forward", "decode", "train", "memory", "data")
 
 
 def uptime() -> str:
@@ -338,22 +340,28 @@ def bench_size(size: str, device: str, dtype_name: str, cfg) -> Dict:
     result = {"params": {}}
     for name in ("base", "smoe-1route", "lmoe"):
         result["params"][name] = params.count(models[name])
-    result["forward"] = summarize(interleave(
-        {name: forward_job(m, inputs, SYSTEMS[name][1]) for name, m in models.items()},
-        cfg.repeats, device, progress=f"{label} forward"))
-    result["decode"] = summarize(interleave(
-        {name: decode_job(m, test_set, SYSTEMS[name][1], task, cfg.beam, cfg.decode_len)
-         for name, m in models.items()},
-        cfg.repeats, device, progress=f"{label} decode"))
-    # training mutates weights: each system trains its own copy (S-MoE: one copy per batch pattern)
-    train_models = {name: build_model(name, size, task, device, dtype) for name in SYSTEMS}
-    result["train"] = summarize(interleave(
-        {name: train_job(m, inputs, SYSTEMS[name][1], task) for name, m in train_models.items()},
-        cfg.repeats, device, progress=f"{label} train"))
-    del train_models
-    if not cfg.no_memory:
+    if "forward" in cfg.measures:
+        result["forward"] = summarize(interleave(
+            {name: forward_job(m, inputs, SYSTEMS[name][1]) for name, m in models.items()},
+            cfg.repeats, device, progress=f"{label} forward"))
+    if "decode" in cfg.measures:
+        result["decode"] = summarize(interleave(
+            {name: decode_job(m, test_set, SYSTEMS[name][1], task, cfg.beam, cfg.decode_len)
+             for name, m in models.items()},
+            cfg.repeats, device, progress=f"{label} decode"))
+    del models
+    if "train" in cfg.measures:
+        # training mutates weights: each system trains its own copy (S-MoE: one copy per batch pattern)
+        train_models = {name: build_model(name, size, task, device, dtype) for name in SYSTEMS}
+        train_inputs = Inputs(cfg.train_batch_size, cfg.frames, cfg.target_len, VOCAB[size], device, dtype)
+        result["train"] = summarize(interleave(
+            {name: train_job(m, train_inputs, SYSTEMS[name][1], task) for name, m in train_models.items()},
+            cfg.repeats, device, progress=f"{label} train"))
+        del train_models
+    if "memory" in cfg.measures:
         result["memory"] = measure_memory(size, device, dtype_name, cfg)
-    result["setup"] = {"batch": cfg.batch_size, "frames": cfg.frames, "target_len": cfg.target_len,
+    result["setup"] = {"batch": cfg.batch_size, "train_batch": cfg.train_batch_size, "frames": cfg.frames,
+                       "target_len": cfg.target_len,
                        "vocab": VOCAB[size], "beam": cfg.beam, "decode_len": cfg.decode_len,
                        "decode_utts": len(test_set) * cfg.batch_size, "repeats": cfg.repeats}
     return result
@@ -363,10 +371,12 @@ def verdicts(results: Dict) -> List[str]:
     lines = []
     for key, runs in results["runs"].items():
         for (measure, system), target in TARGETS.items():
+            if measure not in runs:
+                continue
             r = runs[measure][system]["ratio"]
             lines.append(f"{key} {measure} {system}/base = {r:.3f} (target <= {target}): "
                          f"{'met' if r <= target else 'MISSED'}")
-        for measure in ("forward", "decode", "train"):
+        for measure in [m for m in ("forward", "decode", "train") if m in runs]:
             lm, sm = runs[measure]["lmoe"]["ratio"], runs[measure]["smoe-1route"]["ratio"]
             lines.append(f"{key} {measure} lmoe/base = {lm:.3f}, lmoe/smoe-1route = {lm / sm:.3f} "
                          f"({'slower' if lm > sm else 'NOT slower'} than S-MoE)")
@@ -381,12 +391,13 @@ def markdown(results: Dict) -> str:
     for key, runs in results["runs"].items():
         s = runs["setup"]
         out += [f"### {key}", "",
-                f"Batch {s['batch']} x {s['frames']} frames, {s['target_len']} target tokens, vocabulary "
+                f"Batch {s['batch']} (training: {s['train_batch']}) x {s['frames']} frames, {s['target_len']} "
+                f"target tokens, vocabulary "
                 f"{s['vocab']}; decoding: beam {s['beam']}, {s['decode_utts']} utterances, {s['decode_len']} "
                 f"tokens each; {s['repeats']} interleaved repeats. Time: median ms (IQR); ratio to Base: median "
                 f"of the paired per-repeat ratios (IQR).", "",
                 "| measure | " + " | ".join(SYSTEMS) + " |", "|---|" + "---|" * len(SYSTEMS)]
-        for measure in ("forward", "decode", "train"):
+        for measure in [m for m in ("forward", "decode", "train") if m in runs]:
             cells = []
             for system in SYSTEMS:
                 e = runs[measure][system]
@@ -406,7 +417,8 @@ def markdown(results: Dict) -> str:
             d = runs["data"]
             out.append("")
             out.append(f"Data pipeline: {d['utts_per_s']:.1f} utterances/s ({d['q1']:.1f}-{d['q3']:.1f}) in one "
-                       f"process; one Base update of {s['batch']} utterances consumes {d['need_utts_per_s']:.1f}/s: "
+                       f"process; one Base update of {s['train_batch']} utterances consumes "
+                       f"{d['need_utts_per_s']:.1f}/s: "
                        f"x{d['headroom']:.2f} headroom per data-loader worker.")
         out.append("")
     out += ["### Targets", ""] + [f"- {v}" for v in verdicts(results)]
@@ -427,16 +439,21 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: ratios robust to load)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-batch-size", type=int, default=None,
+                   help="utterances per training update (default: --batch-size)")
     p.add_argument("--frames", type=int, default=600, help="fbank frames of the longest utterance (6 s)")
     p.add_argument("--target-len", type=int, default=30)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--decode-utts", type=int, default=16)
     p.add_argument("--decode-len", type=int, default=20, help="tokens every hypothesis is forced to")
     p.add_argument("--data-utts", type=int, default=32)
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-data", action="store_true")
+    p.add_argument("--measures", default=",".join(MEASURES), help=f"any of {','.join(MEASURES)}")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (atomically)")
     cfg = p.parse_args(argv)
+    cfg.train_batch_size = cfg.train_batch_size or cfg.batch_size
+    cfg.measures = cfg.measures.split(",")
+    if set(cfg.measures) - set(MEASURES):
+        p.error(f"--measures: unknown {sorted(set(cfg.measures) - set(MEASURES))}; choose from {list(MEASURES)}")
     unknown = [s for s in cfg.sizes.split(",") if s not in ARCH_SUFFIX]
     if unknown:
         p.error(f"--sizes: unknown size(s) {unknown}; choose from {list(ARCH_SUFFIX)}")
@@ -451,7 +468,7 @@ def main(argv=None):
         "python": platform.python_version(),
     }, "runs": {}}
     print(f"load before: {results['machine']['load_before']}", file=sys.stderr)
-    data = None if cfg.no_data else measure_data_pipeline(cfg.data_utts, cfg.frames / 100, max(3, cfg.repeats // 2))
+    data = None if "data" not in cfg.measures else measure_data_pipeline(cfg.data_utts, cfg.frames / 100, max(3, cfg.repeats // 2))
     for device in devices:
         dtypes = (cfg.cpu_dtypes if device == "cpu" else cfg.gpu_dtypes).split(",")
         for dtype_name in dtypes:
@@ -460,8 +477,8 @@ def main(argv=None):
             for size in cfg.sizes.split(","):
                 key = f"{size} {device} {dtype_name}"
                 run = bench_size(size, device, dtype_name, cfg)
-                if data is not None:
-                    need = cfg.batch_size / (run["train"]["base"]["median_ms"] / 1e3)
+                if data is not None and "train" in run:
+                    need = cfg.train_batch_size / (run["train"]["base"]["median_ms"] / 1e3)
                     run["data"] = dict(data, need_utts_per_s=need, headroom=data["utts_per_s"] / need)
                 results["runs"][key] = run
                 print(markdown({**results, "runs": {key: run}}).split("### Targets")[0], flush=True)

@@ -1,16 +1,20 @@
 """Train the paper's four systems on one data dir, decode every test set, and tabulate WER/BLEU.
 
-    python examples/demo/compare.py --data data/offline_quick --out exp/demo_quick --size _xs --max-update 1500
+    python examples/demo/compare.py --data data/offline_quick --out exp/demo_quick --preset quick
 
 Systems (same data, same updates, same seed): Base (hard sharing), DecFFNx2, DecS-MoE, EncDecS-MoE. Each is
-trained with ``fairseq-train`` and decoded with ``fairseq-generate`` in subprocesses, exactly as a user would.
-Reruns resume: a finished training or decoding is skipped, an interrupted one continues from checkpoint_last.pt.
-Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
+trained with ``fairseq-train`` and every ``test_<name>_<asr|st>_<nb|wb>.tsv`` is decoded with ``fairseq-generate``
+in subprocesses, exactly as a user would. Reruns resume: a finished training or decoding is skipped, an interrupted
+training continues from checkpoint_last.pt. Writes ``results.json``, ``results.md`` and ``results.png`` into
+``--out``. Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted),
+the floor a model has to beat to show it learned anything.
 """
 
 import argparse
+import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -25,16 +29,31 @@ SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE"
 TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
 logger = logging.getLogger("compare")
 
+# Settings per machine. quick: 2 CPU cores, small batches (about 8 utterances) because many small updates get a
+# small model listening sooner than few large ones; about 6 minutes of training per system on an idle machine;
+# full: a GPU, the _s size, the full offline corpus.
+PRESETS = {
+    "quick": dict(size="_xs", max_update=2500, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
+                  cpu=True, num_workers=0),
+    "full": dict(size="_s", max_update=40000, max_tokens=40000, lr=2e-3, warmup=4000, validate_every=2000,
+                 beam=5, cpu=False, num_workers=4),
+    # CI: a few updates, to check the pipeline, not the models
+    "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
+                  cpu=True, num_workers=0),
+}
+
 
 def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
 def run_logged(cmd, log_path: Path) -> str:
-    logger.info(" ".join(cmd[:3]) + f" ... (log: {log_path})")
+    logger.info(f"{Path(cmd[0]).name} ... (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tmp = log_path.with_suffix(".part")
     with open(tmp, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     text = tmp.read_text()
     if proc.returncode != 0:
@@ -43,13 +62,10 @@ def run_logged(cmd, log_path: Path) -> str:
     return text
 
 
-def train(args, arch: str, save_dir: Path) -> float:
-    done = save_dir / "DONE"
-    if done.exists():
-        logger.info(f"{arch}: trained already ({save_dir})")
-        return float(done.read_text() or 0)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+def train_cmd(args, arch: str, save_dir: Path) -> list:
+    # validate (greedy decoding of dev) only every --validate-every updates and at the end: an untrained model
+    # decodes to the length limit, so validating every epoch would cost more than training in the quick preset
+    every = args.validate_every or args.max_update
     cmd = [
         bin_path("fairseq-train"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--arch", arch + args.size,
@@ -59,16 +75,41 @@ def train(args, arch: str, save_dir: Path) -> float:
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "10.0",
         "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--seed", "1",
         "--save-dir", str(save_dir), "--num-workers", str(args.num_workers),
-        "--validate-interval-updates", str(args.validate_every), "--save-interval-updates", str(args.validate_every),
+        "--validate-interval", "1000000", "--save-interval", "1000000",
+        "--validate-interval-updates", str(every), "--save-interval-updates", str(every),
         "--keep-interval-updates", "1", "--no-epoch-checkpoints", "--best-checkpoint-metric", "wer",
-        "--log-format", "simple", "--log-interval", "50", *args.train_extra,
+        "--log-format", "simple", "--log-interval", "25", *args.train_extra,
     ]
     if args.cpu:
         cmd.append("--cpu")
-    run_logged(cmd, save_dir / "train.log")
-    seconds = time.time() - start
-    done.write_text(f"{seconds:.1f}")
-    return seconds
+    return cmd
+
+
+def train(args, arch: str, save_dir: Path) -> dict:
+    """Train one system (skipped when its DONE file says it was trained with the same command)."""
+    cmd = train_cmd(args, arch, save_dir)
+    done = save_dir / "DONE"
+    if done.exists():
+        info = json.loads(done.read_text())
+        if info.get("cmd") != cmd[1:]:
+            raise SystemExit(f"{save_dir} holds a system trained with other settings:\n  {' '.join(info.get('cmd', []))}"
+                             f"\nnow:\n  {' '.join(cmd[1:])}\nuse another --out or delete {save_dir}")
+        logger.info(f"{arch}: trained already ({save_dir})")
+        return info
+    save_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    log = run_logged(cmd, save_dir / "train.log")
+    # per-interval losses, or (when training is shorter than one log interval) the epoch summaries'
+    losses = [float(x) for x in re.findall(r"train_inner \| .*? loss=([\d.]+)", log)] or \
+        [float(x) for x in re.findall(r"\| train \| epoch \d+ \| loss ([\d.]+)", log)]
+    updates = [int(x) for x in re.findall(r"num_updates[= ](\d+)", log)]
+    info = {"cmd": cmd[1:], "train_seconds": round(time.time() - start, 1),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "updates": max(updates) if updates else None}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, done)
+    return info
 
 
 def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
@@ -81,11 +122,12 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
     cmd = [
         bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
-        "--max-tokens", str(args.max_tokens), "--beam", str(args.beam), "--max-len-a", "0", "--max-len-b", "100",
-        "--num-workers", str(args.num_workers), *scoring,
+        "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
+        "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring,
     ]
     if args.cpu:
         cmd.append("--cpu")
+    start = time.time()
     log = run_logged(cmd, out_dir / f"{subset}.log")
     if task == "asr":
         m = re.search(r"WER: ([\d.]+)", log)
@@ -94,29 +136,59 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
         m = re.search(r"BLEU = ([\d.]+)", log)
         result = {"metric": "BLEU", "score": float(m.group(1))}
     refs = re.findall(r"^T-\d+\t(.*)$", log, re.M)
-    result["n"] = len(refs)
+    hyps = re.findall(r"^D-\d+\t[^\t]*\t(.*)$", log, re.M)
+    result.update(n=len(refs), decode_seconds=round(time.time() - start, 1),
+                  empty_hypotheses=sum(not h.strip() for h in hyps))
     if task == "asr":
-        # an empty hypothesis deletes every reference word: the floor a model has to beat
-        result["empty_hyp_wer"] = 100.0 if refs else float("nan")
-    result_file.write_text(json.dumps(result))
+        # an empty hypothesis deletes every reference word: 100 % WER whatever the reference
+        result["empty_hyp_wer"] = 100.0 if any(r.split() for r in refs) else float("nan")
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, result_file)
     return result
+
+
+def parameter_counts(arch: str, data: Path) -> dict:
+    vocab = sum(1 for line in open(data / "spm.txt", encoding="utf-8") if line.strip()) + 4
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.params", "--arch", arch, "--vocab-size", str(vocab)],
+                          capture_output=True, text=True, cwd=str(REPO))
+    if proc.returncode != 0:
+        return {}
+    d = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return {"total_M": round(d["total"] / 1e6, 2), "active_M": round(max(d["active"].values()) / 1e6, 2)}
+
+
+def column_label(subset: str) -> str:
+    name, _, bw = TEST_RE.match(subset).groups()
+    return f"{(name or '').replace('_', ' ')} {bw.upper()}".strip()
+
+
+def column_order(subsets: list, task: str) -> list:
+    cols = [s for s in subsets if TEST_RE.match(s).group(2) == task]
+    return sorted(cols, key=lambda s: (TEST_RE.match(s).group(1) or "", TEST_RE.match(s).group(3)))
 
 
 def tables(results: dict, subsets: list) -> str:
     lines = []
-    for metric, task in (("WER ↓", "asr"), ("BLEU ↑", "st")):
-        cols = [s for s in subsets if TEST_RE.match(s).group(2) == task]
+    for title, task in (("ASR: WER % (lower is better)", "asr"), ("ST: BLEU (higher is better)", "st")):
+        cols = column_order(subsets, task)
         if not cols:
             continue
-        lines.append(f"\n### {metric} ({'ASR' if task == 'asr' else 'ST'})\n")
-        lines.append("| system | " + " | ".join(c.replace("test_", "") for c in cols) + " |")
-        lines.append("|---" * (len(cols) + 1) + "|")
+        lines.append(f"\n### {title}\n")
+        lines.append("| system | params total / active (M) | " + " | ".join(column_label(c) for c in cols) + " |")
+        lines.append("|---|---|" + "---:|" * len(cols))
         for name, _ in SYSTEMS:
             if name in results["systems"]:
-                row = results["systems"][name]["tests"]
-                lines.append(f"| {name} | " + " | ".join(f"{row[c]['score']:.2f}" for c in cols) + " |")
-        if task == "asr":
-            lines.append("| *empty hypothesis* | " + " | ".join("100.00" for _ in cols) + " |")
+                sysres = results["systems"][name]
+                p = sysres.get("params", {})
+                params = f"{p['total_M']} / {p['active_M']}" if p else ""
+                lines.append(f"| {name} | {params} | " + " | ".join(f"{sysres['tests'][c]['score']:.1f}" for c in cols)
+                             + " |")
+        floor = "100.0" if task == "asr" else "0.0"
+        lines.append("| *empty hypothesis* | | " + " | ".join(floor for _ in cols) + " |")
+        any_sys = next(iter(results["systems"].values()), None)
+        if any_sys:
+            lines.append("| *utterances* | | " + " | ".join(str(any_sys["tests"][c]["n"]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,62 +198,105 @@ def chart(results: dict, subsets: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, (task, metric) in zip(axes, (("asr", "WER (lower is better)"), ("st", "BLEU (higher is better)"))):
-        cols = [s for s in subsets if TEST_RE.match(s).group(2) == task]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    for ax, (task, metric) in zip(axes, (("asr", "ASR: WER % (lower is better)"), ("st", "ST: BLEU (higher is better)"))):
+        cols = column_order(subsets, task)
         names = [n for n, _ in SYSTEMS if n in results["systems"]]
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
             vals = [results["systems"][name]["tests"][c]["score"] for c in cols]
             ax.bar([i + k * width for i in range(len(cols))], vals, width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
-        ax.set_xticklabels([c.replace("test_", "") for c in cols], rotation=20, fontsize=8)
+        ax.set_xticklabels([column_label(c) for c in cols], rotation=20, fontsize=8)
         ax.set_title(metric)
         if task == "asr":
             ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="empty hypothesis")
         ax.legend(fontsize=8)
+    fig.suptitle(f"{results['data']}: {results['size']} models, {results['max_update']} updates each", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(".tmp." + path.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)
 
 
-def main(argv=None):
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(".tmp." + path.name)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--size", default="_xs", choices=["_xs", "_s", ""], help="architecture size suffix")
-    p.add_argument("--max-update", type=int, default=1500)
-    p.add_argument("--max-tokens", type=int, default=20000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--validate-every", type=int, default=500)
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--cpu", action="store_true", help="train and decode on the CPU even if a GPU is present")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="defaults for the flags below")
+    p.add_argument("--size", choices=["_xs", "_s", ""], help="architecture size suffix ('' = paper size)")
+    p.add_argument("--max-update", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--validate-every", type=int, help="updates between dev decodings (0: only at the end)")
+    p.add_argument("--beam", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train and decode on the CPU")
     p.add_argument("--systems", default=",".join(a for _, a in SYSTEMS), help="subset of the four, by arch")
+    p.add_argument("--test-sets", default="test_*", help="comma-separated patterns of the test manifests to decode")
     p.add_argument("--train-extra", nargs=argparse.REMAINDER, default=[], help="more fairseq-train flags (last)")
-    args = p.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
+    return p
 
-    subsets = sorted(f.stem for f in args.data.glob("test_*.tsv") if TEST_RE.match(f.stem))
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    known = {a for _, a in SYSTEMS}
+    unknown = set(args.systems.split(",")) - known
+    if unknown:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {sorted(known)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
+    if not (args.data / "config.yaml").is_file():
+        raise SystemExit(f"{args.data}: no config.yaml (prepare the data first, e.g. recipes/offline/prep.sh)")
+    subsets = sorted(f.stem for f in args.data.glob("test_*.tsv") if TEST_RE.match(f.stem)
+                     and any(fnmatch.fnmatch(f.stem, pat) for pat in args.test_sets.split(",")))
     if not subsets:
-        raise SystemExit(f"{args.data}: no test_<name>_<asr|st>_<nb|wb>.tsv manifests")
+        raise SystemExit(f"{args.data}: no test_<name>_<asr|st>_<nb|wb>.tsv manifests match {args.test_sets!r}")
     wanted = set(args.systems.split(","))
-    results = {"data": str(args.data), "size": args.size or "paper", "max_update": args.max_update, "systems": {}}
+    results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
+               "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr, "device":
+               "cpu" if args.cpu else "gpu", "systems": {}}
+    start = time.time()
     for name, arch in SYSTEMS:
         if arch not in wanted:
             continue
         save_dir = args.out / arch
-        seconds = train(args, arch, save_dir)
+        info = train(args, arch, save_dir)
         ckpt = save_dir / "checkpoint_best.pt"
+        if not ckpt.exists():
+            ckpt = save_dir / "checkpoint_last.pt"
         tests = {}
         for subset in subsets:
             tests[subset] = decode(args, ckpt, subset, TEST_RE.match(subset).group(2), save_dir / "decode")
             logger.info(f"{name} {subset}: {tests[subset]['metric']} {tests[subset]['score']}")
-        results["systems"][name] = {"arch": arch + args.size, "train_seconds": seconds, "tests": tests}
+        results["systems"][name] = {
+            "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
+            "train_seconds": info["train_seconds"], "updates": info.get("updates"),
+            "first_loss": info.get("first_loss"), "last_loss": info.get("last_loss"),
+            "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1), "tests": tests,
+        }
+    results["seconds_this_run"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    md = f"# S-MoE comparison on {args.data.name} ({results['size']} size, {args.max_update} updates)\n" + tables(results, subsets)
-    (args.out / "results.md").write_text(md)
+    write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    md = (f"# S-MoE comparison on {args.data.name}\n\n{results['size']} models, {args.max_update} updates each "
+          f"(max {args.max_tokens} frames per batch, lr {args.lr}), same data and seed; "
+          f"decoded with fairseq-generate, beam {args.beam}.\n" + tables(results, subsets))
+    write_atomic(args.out / "results.md", md)
     chart(results, subsets, args.out / "results.png")
     print(md)
 

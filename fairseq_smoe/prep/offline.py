@@ -46,12 +46,14 @@ LICENCES = {
 }
 
 PRESETS = {
-    # about 30 minutes on 2 CPU cores for prep + 4 systems: few, short, common-word sentences, one bandwidth per clip
-    "quick": dict(pairs_per_lang=450, max_words=12, voices_per_sentence=1, paired_bandwidths=False,
-                  test_sentences=60, dev_sentences=24, vocab_size=1000, specaugment=False),
+    # about 30 minutes on 2 CPU cores for prep + 4 systems. A small model on a CPU only learns to listen (rather
+    # than to recite likely sentences) within a few thousand updates when texts repeat: few, short, common-word
+    # sentences, each read by 3 voices, one bandwidth per synthetic clip, ST to Spanish only
+    "quick": dict(langs="es", pairs_per_lang=300, max_words=8, max_real_words=16, voices_per_sentence=3,
+                  paired_bandwidths=False, test_sentences=60, dev_sentences=24, vocab_size=600, specaugment=False),
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
-    "full": dict(pairs_per_lang=0, max_words=20, voices_per_sentence=0, paired_bandwidths=True,
-                 test_sentences=300, dev_sentences=100, vocab_size=4000, specaugment=True),
+    "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
+                 paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000, specaugment=True),
 }
 
 
@@ -112,7 +114,7 @@ def plan_corpus(args) -> List[Clip]:
     real = []
     for p in prompts:
         en = offline_text.normalize_target(p.en, "en")
-        if not en:
+        if not en or (args.max_real_words and len(en.split()) > args.max_real_words):
             continue
         targets = {"en": en}
         es = offline_text.normalize_target(p.es, "es") if p.es else None
@@ -338,7 +340,8 @@ def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
 
-SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "voices_per_sentence",
+SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "max_real_words",
+                "voices_per_sentence",
                 "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
                 "vocab_size", "specaugment", "seed")
 
@@ -424,11 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with apt's Translation-en/-es/-de files (recipes/offline/setup.sh copies them)")
     p.add_argument("--lexicon", default="/usr/share/dict/words",
                    help="English word list a Debian sentence's words must all be in ('' to skip; package wamerican)")
-    p.add_argument("--langs", default="es,de", help="ST target languages")
+    p.add_argument("--langs", help="ST target languages, comma-separated (quick: es, full: es,de)")
     p.add_argument("--voices", default="", help="comma-separated voice names (default: every installed one)")
     p.add_argument("--test-speakers", default="ked,rms", help="speakers whose voices make the synthetic test sets")
     p.add_argument("--pairs-per-lang", type=int, help="Debian sentence pairs per language (0 = all)")
-    p.add_argument("--max-words", type=int)
+    p.add_argument("--max-words", type=int, help="longest Debian sentence, in words")
+    p.add_argument("--max-real-words", type=int, help="longest Asterisk prompt, in words (0 = all)")
     p.add_argument("--voices-per-sentence", type=int, help="train voices reading each train sentence (0 = all)")
     p.add_argument("--paired-bandwidths", action=argparse.BooleanOptionalAction,
                    help="every synthetic train clip in both NB and WB (else one bandwidth per clip)")

@@ -1,0 +1,107 @@
+"""The demo pipeline (examples/demo/compare.py) on the offline corpus fixture: four systems trained with
+fairseq-train for a few updates, test sets decoded with fairseq-generate, results.json/md/png written; a rerun
+skips everything finished."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_offline_corpus import build_fixture, prep_args, read_tsv, run_prep
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ["Base", "DecFFNx2", "DecS-MoE", "EncDecS-MoE"]
+TEST_SETS = ["test_real_asr_nb", "test_real_es_st_nb", "test_synth_asr_wb"]
+
+
+def compare(data: Path, out: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+                           str(out), "--preset", "smoke", "--test-sets", ",".join(TEST_SETS)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    fixture = build_fixture(root / "debian")
+    data = root / "data"
+    proc = run_prep(prep_args(fixture, data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "exp"
+    proc = compare(data, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, out, proc
+
+
+def test_results_have_every_system_and_test_set(demo):
+    data, out, _ = demo
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["systems"]) == SYSTEMS
+    assert results["max_update"] == 4 and results["size"] == "_xs"
+    for name, sysres in results["systems"].items():
+        assert sysres["updates"] == 4, name
+        assert sysres["first_loss"] > 0 and sysres["train_seconds"] > 0
+        assert set(sysres["tests"]) == set(TEST_SETS)
+        for subset, r in sysres["tests"].items():
+            assert r["n"] == len(read_tsv(data / f"{subset}.tsv")), (name, subset)
+            if "_asr_" in subset:
+                assert r["metric"] == "WER" and r["score"] >= 0 and r["empty_hyp_wer"] == 100.0
+            else:
+                assert r["metric"] == "BLEU" and 0 <= r["score"] <= 100
+        # S-MoE adds experts but not active weights; DecFFNx2 is wider everywhere
+        p = sysres["params"]
+        assert p["total_M"] >= p["active_M"] > 0
+    p = {n: results["systems"][n]["params"] for n in SYSTEMS}
+    assert p["Base"]["total_M"] == p["Base"]["active_M"] == p["DecS-MoE"]["active_M"] == p["EncDecS-MoE"]["active_M"]
+    assert p["Base"]["total_M"] < p["DecS-MoE"]["total_M"] < p["EncDecS-MoE"]["total_M"]
+
+
+def test_markdown_table_rows_and_columns(demo):
+    _, out, proc = demo
+    md = (out / "results.md").read_text()
+    asr, st = md.split("### ASR")[1].split("### ST")
+    header = next(line for line in asr.splitlines() if line.startswith("| system"))
+    assert header == "| system | params total / active (M) | real NB | synth WB |"
+    rows = [line.split(" | ")[0].strip("| ") for line in asr.splitlines() if line.startswith("| ")][2:]
+    assert rows == SYSTEMS + ["*empty hypothesis*", "*utterances*"]
+    assert "| *empty hypothesis* | | 100.0 | 100.0 |" in asr
+    assert "| system | params total / active (M) | real es NB |" in st
+    assert md in proc.stdout
+
+
+def test_chart_is_a_png(demo):
+    _, out, _ = demo
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_rerun_skips_finished_training_and_decoding(demo):
+    data, out, _ = demo
+    before = json.loads((out / "results.json").read_text())
+    mtimes = {p: p.stat().st_mtime for p in out.rglob("*.pt")}
+    start = time.time()
+    proc = compare(data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained already") == 4
+    assert "fairseq-generate" not in proc.stderr
+    assert {p: p.stat().st_mtime for p in out.rglob("*.pt")} == mtimes
+    after = json.loads((out / "results.json").read_text())
+    assert after["systems"] == before["systems"]
+    assert time.time() - start < 120
+
+
+def test_changed_settings_are_refused(demo, tmp_path):
+    data, out, _ = demo
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+                           str(out), "--preset", "smoke", "--max-update", "5", "--systems", "s2t_smoke_base"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--systems: unknown ['s2t_smoke_base']" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+                           str(out), "--preset", "smoke", "--max-update", "5", "--systems", "s2t_smoe_base"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "holds a system trained with other settings" in proc.stderr

@@ -23,7 +23,6 @@ machine load (``uptime``) before and after, and checks the targets of the perfor
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch

@@ -67,7 +67,7 @@ def test_markdown_table_rows_and_columns(demo):
     asr, st = md.split("### ASR")[1].split("### ST")
     header = next(line for line in asr.splitlines() if line.startswith("| system"))
     assert header == "| system | params total / active (M) | real NB | synth WB |"
-    rows = [line.split(" | ")[0].strip("| ") for line in asr.splitlines() if line.startswith("| ")][2:]
+    rows = [line.split(" | ")[0].strip("| ") for line in asr.splitlines() if line.startswith("| ")][1:]
     assert rows == SYSTEMS + ["*empty hypothesis*", "*utterances*"]
     assert "| *empty hypothesis* | | 100.0 | 100.0 |" in asr
     assert "| system | params total / active (M) | real es NB |" in st

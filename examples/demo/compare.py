@@ -211,7 +211,7 @@ def chart(results: dict, subsets: list, path: Path) -> None:
         ax.set_title(metric)
         if task == "asr":
             ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="empty hypothesis")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5, frameon=False)
     fig.suptitle(f"{results['data']}: {results['size']} models, {results['max_update']} updates each", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(".tmp." + path.name)

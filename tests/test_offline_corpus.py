@@ -154,7 +154,7 @@ def build_fixture(root: Path) -> dict:
 
 
 def prep_args(fixture: dict, out: Path, *extra) -> list:
-    return ["--out-dir", str(out), "--mode", "quick", "--root", str(fixture["root"]),
+    return ["--out-dir", str(out), "--mode", "quick", "--langs", "es,de", "--root", str(fixture["root"]),
             "--translations", str(fixture["lists"]), "--lexicon", "", "--voices", VOICES, "--test-speakers", "rms",
             "--test-sentences", "4", "--dev-sentences", "2", "--real-test-fraction", "0.25", "--vocab-size", "150",
             "--workers", "2", "--batch-size", "3", *extra]

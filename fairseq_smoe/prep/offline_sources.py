@@ -42,7 +42,9 @@ def read_prompt_texts(path: Path) -> Dict[str, str]:
     """``{prompt name: text}`` from a ``core-sounds-xx.txt.gz`` (``;`` comments and blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (apt-get install {', '.join(APT_PACKAGES)})")
+        raise FileNotFoundError(
+            f"{path}: not found (apt-get install {', '.join(APT_PACKAGES)}; if the package is installed, dpkg may be "
+            "set to skip /usr/share/doc, as minimal container images are: see path-exclude in /etc/dpkg/dpkg.cfg.d/)")
     try:
         with gzip.open(path, "rt", encoding="utf-8", errors="strict") as f:
             lines = f.read().split("\n")

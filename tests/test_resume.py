@@ -41,23 +41,22 @@ def run_to_end(cmd, cwd):
     return proc.stdout + proc.stderr
 
 
-def run_and_kill(cmd, cwd, save_dir: Path, delay: float) -> str:
-    """Start training, SIGKILL it ``delay`` seconds after checkpoint_last.pt (re)appears."""
+def run_and_kill(cmd, cwd, trigger: str, delay: float = 0.0) -> str:
+    """Start training and SIGKILL it ``delay`` seconds after its log shows ``trigger`` for the first time."""
     log_path = cwd / f"killed_{time.time_ns()}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        last = save_dir / "checkpoint_last.pt"
-        seen = last.stat().st_mtime_ns if last.exists() else None
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
-            if last.exists() and last.stat().st_mtime_ns != seen:
+            if trigger in log_path.read_text():
                 time.sleep(delay)
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"training ended before it could be killed:\n{log_path.read_text()[-3000:]}"
-    return log_path.read_text()
+    text = log_path.read_text()
+    assert proc.returncode == -signal.SIGKILL, f"training ended before it could be killed:\n{text[-3000:]}"
+    return text
 
 
 def model_params(path: Path):
@@ -71,16 +70,24 @@ def reference(corpus_dir, tmp_path_factory):
     return model_params(work / "ckpt" / "checkpoint_last.pt")
 
 
-def test_killed_twice_then_rerun_matches_an_uninterrupted_run(corpus_dir, reference, tmp_path):
+def test_killed_three_times_then_rerun_matches_an_uninterrupted_run(corpus_dir, reference, tmp_path):
     save_dir = tmp_path / "ckpt"
     cmd = train_cmd(corpus_dir, save_dir)
     rng = random.Random(0)
-    for _ in range(2):  # killed right after a checkpoint appeared, then a little later
-        run_and_kill(cmd, tmp_path, save_dir, delay=rng.uniform(0.0, 1.5))
-        state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-        assert 0 < state["optimizer_history"][-1]["num_updates"] < MAX_UPDATE
+    kills = [
+        ("Preparing to save checkpoint", 0.0),  # in the middle of writing the first checkpoints
+        ("Saved checkpoint", rng.uniform(0.0, 0.2)),  # just after a save
+        (f"num_updates={MAX_UPDATE - 6}", 0.0),  # between two saves
+    ]
+    for trigger, delay in kills:
+        run_and_kill(cmd, tmp_path, trigger, delay)
+        last = save_dir / "checkpoint_last.pt"
+        if last.exists():  # always whole: it loads
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            assert 0 < state["optimizer_history"][-1]["num_updates"] < MAX_UPDATE
     log = run_to_end(cmd, tmp_path)
     assert "Loaded checkpoint" in log and f"num_updates={MAX_UPDATE}" in log
+    assert not any(p.stat().st_size == 0 for p in save_dir.glob("*.pt"))
     resumed = model_params(save_dir / "checkpoint_last.pt")
     assert resumed.keys() == reference.keys()
     worst = max((resumed[k].float() - reference[k].float()).abs().max().item() for k in reference)

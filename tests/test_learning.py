@@ -5,11 +5,13 @@ A falling loss alone does not show this: a decoder that ignores the encoder also
 target language. Here each test utterance must be told apart from the other sentences by its audio alone.
 """
 
+import os
 import re
+import subprocess
 
 import pytest
 
-from test_e2e import BIN, PLUGIN, generate, hypotheses, rows, run
+from test_e2e import BIN, PLUGIN, generate, hypotheses, rows
 
 UPDATES = 800  # about 2.5 minutes on 2 CPU cores; measured WER at this point: 56 (WB) and 37 (NB)
 
@@ -17,7 +19,7 @@ UPDATES = 800  # about 2.5 minutes on 2 CPU cores; measured WER at this point: 5
 @pytest.fixture(scope="module")
 def listened(corpus_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("learning")
-    run([
+    cmd = [
         str(BIN / "fairseq-train"), str(corpus_dir), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--arch", "s2t_encdec_smoe_xs", "--train-subset", "train",
         "--valid-subset", "dev", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
@@ -25,7 +27,11 @@ def listened(corpus_dir, tmp_path_factory):
         "--clip-norm", "10", "--max-sentences", "16", "--max-update", str(UPDATES), "--seed", "1",
         "--save-dir", str(work / "ckpt"), "--cpu", "--num-workers", "0", "--log-format", "simple",
         "--log-interval", "100", "--no-epoch-checkpoints", "--disable-validation",
-    ], cwd=work)
+    ]
+    # one thread: tiny matrices gain nothing from two, and two threads per process on a loaded machine crawl
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return corpus_dir, work
 
 

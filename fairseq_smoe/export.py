@@ -98,12 +98,15 @@ def _route_index(routes: Tuple[str, ...], name: Optional[str], side: str, has_ex
     return routes.index(name)
 
 
+CTC_PREFIX = "encoder.ctc_proj."
+
+
 def dense_state_dict(model_state: Dict[str, torch.Tensor], encoder_expert: Optional[int],
                      decoder_expert: Optional[int], num_experts: Dict[str, int]) -> Dict[str, torch.Tensor]:
     """The model state with the chosen experts' weights as dense ``fc1``/``fc2`` and no plugin-only entries."""
     out = {}
     for key, value in model_state.items():
-        if key == SIGNATURE_KEY:
+        if key == SIGNATURE_KEY or key.startswith(CTC_PREFIX):  # the CTC projection is for training only
             continue
         for side, expert in (("encoder", encoder_expert), ("decoder", decoder_expert)):
             if expert is not None and EXPERT_KEY[side].match(key):
@@ -142,6 +145,7 @@ def export_checkpoint(checkpoint: str, encoder_route: Optional[str], decoder_rou
     for key in PLUGIN_MODEL_KEYS:
         if hasattr(dense_args, key):
             delattr(dense_args, key)
+    dense_args.ctc_weight = 0.0  # no CTC projection in the dense model (dense_state_dict drops it)
     dense_args.arch = dense_args._name = "s2t_transformer"
     dense_args.task = "speech_to_text"
     dense_args.criterion = "label_smoothed_cross_entropy"

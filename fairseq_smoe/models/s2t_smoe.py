@@ -190,7 +190,10 @@ class S2TSMoEModel(S2TTransformerModel):
             encoder_route_ids=encoder_route_ids,
             decoder_route_ids=decoder_route_ids,
         )
-        return self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+        decoder_out = self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+        if self.encoder.ctc_proj is not None:  # for the auxiliary CTC loss (label_smoothed_cross_entropy_asr_ctc)
+            decoder_out[1]["encoder_out"] = encoder_out
+        return decoder_out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -43,9 +43,13 @@ def test_results_have_every_system_and_test_set(demo):
     results = json.loads((out / "results.json").read_text())
     assert list(results["systems"]) == SYSTEMS
     assert results["max_update"] == 4 and results["size"] == "_xs"
+    assert results["ctc_weight"] == 0.3  # the smoke preset trains with the auxiliary CTC loss, like quick and full
     for name, sysres in results["systems"].items():
         assert sysres["updates"] == 4, name
         assert sysres["first_loss"] > 0 and sysres["train_seconds"] > 0
+        log = (out / sysres["arch"].replace("_xs", "") / "train.log").read_text()
+        assert "--criterion label_smoothed_cross_entropy_asr_ctc --ctc-weight 0.3" in log
+        assert "ctc_loss" in log
         assert set(sysres["tests"]) == set(TEST_SETS)
         for subset, r in sysres["tests"].items():
             assert r["n"] == len(read_tsv(data / f"{subset}.tsv")), (name, subset)
@@ -105,3 +109,20 @@ def test_changed_settings_are_refused(demo, tmp_path):
                            str(out), "--preset", "smoke", "--max-update", "5", "--systems", "s2t_smoe_base"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "holds a system trained with other settings" in proc.stderr
+
+
+def test_parallel_jobs_train_and_decode_each_system(demo, tmp_path):
+    data, _, _ = demo
+    out = tmp_path / "exp"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+                           str(out), "--preset", "smoke", "--jobs", "2", "--systems", "s2t_smoe_base,s2t_dec_smoe",
+                           "--test-sets", "test_real_asr_nb"], capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["jobs"] == 2 and list(results["systems"]) == ["Base", "DecS-MoE"]
+    for arch in ("s2t_smoe_base", "s2t_dec_smoe"):
+        assert (out / arch / "DONE").exists() and (out / arch / "decode" / "test_real_asr_nb.json").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+                           str(out), "--preset", "smoke", "--jobs", "0"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--jobs 0: must be at least 1" in proc.stderr

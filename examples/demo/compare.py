@@ -11,6 +11,7 @@ the floor a model has to beat to show it learned anything.
 """
 
 import argparse
+import concurrent.futures
 import fnmatch
 import json
 import logging
@@ -29,17 +30,18 @@ SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE"
 TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
 logger = logging.getLogger("compare")
 
-# Settings per machine. quick: 2 CPU cores, small batches (about 8 utterances) because many small updates get a
-# small model listening sooner than few large ones; about 6 minutes of training per system on an idle machine;
-# full: a GPU, the _s size, the full offline corpus.
+# Settings per machine. quick: 2 CPU cores; two systems train at once, one thread each (an _xs model runs about
+# as fast on one thread as on two, so this doubles the updates the half hour allows); many small updates (about
+# 7 utterances each) and the auxiliary CTC loss on ASR rows, which measured better than fewer larger updates or no
+# CTC (README, "Results of the quick mode"). full: a GPU, the _s size, the full offline corpus, one system at a time.
 PRESETS = {
-    "quick": dict(size="_xs", max_update=2500, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
-                  cpu=True, num_workers=0),
+    "quick": dict(size="_xs", max_update=4000, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
+                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5),
     "full": dict(size="_s", max_update=40000, max_tokens=40000, lr=2e-3, warmup=4000, validate_every=2000,
-                 beam=5, cpu=False, num_workers=4),
-    # CI: a few updates, to check the pipeline, not the models
+                 beam=5, cpu=False, num_workers=4, jobs=1, ctc_weight=0.3),
+    # CI: a few updates, to check the pipeline (CTC path included), not the models
     "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
-                  cpu=True, num_workers=0),
+                  cpu=True, num_workers=0, jobs=1, ctc_weight=0.3),
 }
 
 
@@ -47,9 +49,12 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_logged(cmd, log_path: Path) -> str:
+def run_logged(cmd, log_path: Path, threads: int = 0) -> str:
+    """Run ``cmd`` with its output in ``log_path`` (``threads``: the torch/OpenMP threads it may use, 0 = inherit)."""
     logger.info(f"{Path(cmd[0]).name} ... (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     tmp = log_path.with_suffix(".part")
     with open(tmp, "w") as log:
         log.write(" ".join(cmd) + "\n")
@@ -62,6 +67,13 @@ def run_logged(cmd, log_path: Path) -> str:
     return text
 
 
+def criterion_flags(ctc_weight: float) -> list:
+    """Label-smoothed cross-entropy, plus the auxiliary CTC loss on ASR rows when ``ctc_weight`` > 0."""
+    if ctc_weight > 0:
+        return ["--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", str(ctc_weight)]
+    return ["--criterion", "label_smoothed_cross_entropy"]
+
+
 def train_cmd(args, arch: str, save_dir: Path) -> list:
     # validate (greedy decoding of dev) only every --validate-every updates and at the end: an untrained model
     # decodes to the length limit, so validating every epoch would cost more than training in the quick preset
@@ -70,7 +82,7 @@ def train_cmd(args, arch: str, save_dir: Path) -> list:
         bin_path("fairseq-train"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--arch", arch + args.size,
         "--train-subset", "train", "--valid-subset", "dev",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        *criterion_flags(args.ctc_weight), "--label-smoothing", "0.1",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "10.0",
         "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--seed", "1",
@@ -98,7 +110,7 @@ def train(args, arch: str, save_dir: Path) -> dict:
         return info
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    log = run_logged(cmd, save_dir / "train.log")
+    log = run_logged(cmd, save_dir / "train.log", args.threads)
     # per-interval losses, or (when training is shorter than one log interval) the epoch summaries'
     losses = [float(x) for x in re.findall(r"train_inner \| .*? loss=([\d.]+)", log)] or \
         [float(x) for x in re.findall(r"\| train \| epoch \d+ \| loss ([\d.]+)", log)]
@@ -128,7 +140,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
     if args.cpu:
         cmd.append("--cpu")
     start = time.time()
-    log = run_logged(cmd, out_dir / f"{subset}.log")
+    log = run_logged(cmd, out_dir / f"{subset}.log", args.threads)
     if task == "asr":
         m = re.search(r"WER: ([\d.]+)", log)
         result = {"metric": "WER", "score": float(m.group(1))}
@@ -226,6 +238,25 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run_system(args, name: str, arch: str, subsets: list) -> dict:
+    """Train one system and decode every test set with it."""
+    save_dir = args.out / arch
+    info = train(args, arch, save_dir)
+    ckpt = save_dir / "checkpoint_best.pt"
+    if not ckpt.exists():
+        ckpt = save_dir / "checkpoint_last.pt"
+    tests = {}
+    for subset in subsets:
+        tests[subset] = decode(args, ckpt, subset, TEST_RE.match(subset).group(2), save_dir / "decode")
+        logger.info(f"{name} {subset}: {tests[subset]['metric']} {tests[subset]['score']}")
+    return {
+        "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
+        "train_seconds": info["train_seconds"], "updates": info.get("updates"),
+        "first_loss": info.get("first_loss"), "last_loss": info.get("last_loss"),
+        "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1), "tests": tests,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True)
@@ -237,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--validate-every", type=int, help="updates between dev decodings (0: only at the end)")
+    p.add_argument("--ctc-weight", type=float, help="weight of the auxiliary CTC loss on ASR rows (0: none)")
     p.add_argument("--beam", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train and decode on the CPU")
+    p.add_argument("--jobs", type=int, help="systems trained and decoded at the same time; on the CPU each gets "
+                                            "1/jobs of the cores")
     p.add_argument("--systems", default=",".join(a for _, a in SYSTEMS), help="subset of the four, by arch")
     p.add_argument("--test-sets", default="test_*", help="comma-separated patterns of the test manifests to decode")
     p.add_argument("--train-extra", nargs=argparse.REMAINDER, default=[], help="more fairseq-train flags (last)")
@@ -251,6 +285,10 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    # CPU jobs side by side share the cores instead of each spinning threads on all of them
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.cpu and args.jobs > 1 else 0
     known = {a for _, a in SYSTEMS}
     unknown = set(args.systems.split(",")) - known
     if unknown:
@@ -269,32 +307,26 @@ def main(argv=None):
         raise SystemExit(f"{args.data}: no test_<name>_<asr|st>_<nb|wb>.tsv manifests match {args.test_sets!r}")
     wanted = set(args.systems.split(","))
     results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
-               "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr, "device":
-               "cpu" if args.cpu else "gpu", "systems": {}}
+               "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr,
+               "ctc_weight": args.ctc_weight, "device":
+               "cpu" if args.cpu else "gpu", "jobs": args.jobs, "systems": {}}
     start = time.time()
-    for name, arch in SYSTEMS:
-        if arch not in wanted:
-            continue
-        save_dir = args.out / arch
-        info = train(args, arch, save_dir)
-        ckpt = save_dir / "checkpoint_best.pt"
-        if not ckpt.exists():
-            ckpt = save_dir / "checkpoint_last.pt"
-        tests = {}
-        for subset in subsets:
-            tests[subset] = decode(args, ckpt, subset, TEST_RE.match(subset).group(2), save_dir / "decode")
-            logger.info(f"{name} {subset}: {tests[subset]['metric']} {tests[subset]['score']}")
-        results["systems"][name] = {
-            "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
-            "train_seconds": info["train_seconds"], "updates": info.get("updates"),
-            "first_loss": info.get("first_loss"), "last_loss": info.get("last_loss"),
-            "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1), "tests": tests,
-        }
+    chosen = [(name, arch) for name, arch in SYSTEMS if arch in wanted]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_system, args, name, arch, subsets) for name, arch in chosen]
+        try:
+            for (name, _), future in zip(chosen, futures):
+                results["systems"][name] = future.result()
+        except BaseException:
+            for future in futures:  # a failed system stops the ones not started yet
+                future.cancel()
+            raise
     results["seconds_this_run"] = round(time.time() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     md = (f"# S-MoE comparison on {args.data.name}\n\n{results['size']} models, {args.max_update} updates each "
-          f"(max {args.max_tokens} frames per batch, lr {args.lr}), same data and seed; "
+          f"(max {args.max_tokens} frames per batch, lr {args.lr}"
+          f"{f', auxiliary CTC weight {args.ctc_weight} on ASR rows' if args.ctc_weight else ''}), same data and seed; "
           f"decoded with fairseq-generate, beam {args.beam}.\n" + tables(results, subsets))
     write_atomic(args.out / "results.md", md)
     chart(results, subsets, args.out / "results.png")

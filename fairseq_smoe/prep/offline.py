@@ -46,14 +46,18 @@ LICENCES = {
 }
 
 PRESETS = {
-    # about 30 minutes on 2 CPU cores for prep + 4 systems. A small model on a CPU only learns to listen (rather
-    # than to recite likely sentences) within a few thousand updates when texts repeat: few, short, common-word
-    # sentences, each read by 3 voices, one bandwidth per synthetic clip, ST to Spanish only
-    "quick": dict(langs="es", pairs_per_lang=300, max_words=8, max_real_words=16, voices_per_sentence=3,
-                  paired_bandwidths=False, test_sentences=60, dev_sentences=24, vocab_size=600, specaugment=False),
+    # about 30 minutes on 2 CPU cores for prep + 4 systems. What lets a small model start to listen (rather than
+    # recite likely training sentences) within a few thousand CPU updates, measured: many different sentences
+    # (every aligned en-es and en-de pair of <= 10 words: 2,300 English sentences, so that no sentence can be
+    # memorised), each read by 2 voices in one bandwidth; characters as output units; the auxiliary CTC loss of
+    # examples/demo/compare.py
+    "quick": dict(langs="es,de", pairs_per_lang=0, max_words=10, max_real_words=16, voices_per_sentence=2,
+                  paired_bandwidths=False, test_sentences=100, dev_sentences=30, vocab_size=100, vocab_type="char",
+                  specaugment=False),
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
     "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
-                 paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000, specaugment=True),
+                 paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000,
+                 vocab_type="unigram", specaugment=True),
 }
 
 
@@ -343,7 +347,7 @@ def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, 
 SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "max_real_words",
                 "voices_per_sentence",
                 "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
-                "vocab_size", "specaugment", "seed")
+                "vocab_size", "vocab_type", "specaugment", "seed")
 
 
 def settings_of(args) -> Dict:
@@ -401,7 +405,7 @@ def prepare(args) -> Dict:
     sets = manifest_rows(out, clips, info)
     langs = ["en"] + [x for x in args.langs.split(",") if x]
     train_texts = sorted({r["tgt_text"] for r in sets["train"]})
-    vocab_cfg = common.write_vocab(out, train_texts, langs, args.vocab_size)
+    vocab_cfg = common.write_vocab(out, train_texts, langs, args.vocab_size, model_type=args.vocab_type)
     common.write_config(out, vocab_cfg, specaugment=args.specaugment)
     for name, rows in sorted(sets.items()):
         common.write_manifest(out / f"{name}.tsv", rows)
@@ -441,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-test-fraction", type=float, default=0.2, help="share of Asterisk prompts held out")
     p.add_argument("--real-train", action=argparse.BooleanOptionalAction, default=True,
                    help="train on the other Asterisk prompts (--no-real-train: the real speaker is unseen too)")
-    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--vocab-size", type=int, help="SentencePiece pieces (ignored by --vocab-type char)")
+    p.add_argument("--vocab-type", choices=["unigram", "bpe", "char"],
+                   help="SentencePiece model type (quick: char, full: unigram)")
     p.add_argument("--specaugment", action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

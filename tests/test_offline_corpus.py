@@ -157,7 +157,7 @@ def prep_args(fixture: dict, out: Path, *extra) -> list:
     return ["--out-dir", str(out), "--mode", "quick", "--langs", "es,de", "--root", str(fixture["root"]),
             "--translations", str(fixture["lists"]), "--lexicon", "", "--voices", VOICES, "--test-speakers", "rms",
             "--test-sentences", "4", "--dev-sentences", "2", "--real-test-fraction", "0.25", "--vocab-size", "150",
-            "--workers", "2", "--batch-size", "3", *extra]
+            "--digit-strings", "6", "--workers", "2", "--batch-size", "3", *extra]
 
 
 def run_prep(args, timeout=600):
@@ -298,7 +298,9 @@ def test_prep_writes_every_manifest_config_and_vocab(corpus):
     names = {p.stem for p in out.glob("*.tsv")}
     assert names == {"train", "dev", "test_real_asr_nb", "test_real_asr_wb", "test_real_es_st_nb",
                      "test_real_es_st_wb", "test_synth_asr_nb", "test_synth_asr_wb", "test_synth_es_st_nb",
-                     "test_synth_es_st_wb", "test_synth_de_st_nb", "test_synth_de_st_wb"}
+                     "test_synth_es_st_wb", "test_synth_de_st_nb", "test_synth_de_st_wb"} | {
+        f"test_digits_{src}_{t}_{bw}" for src in ("real", "synth") for t in ("asr", "es_st", "de_st")
+        for bw in ("nb", "wb")}
     for name in names:
         rows = read_tsv(out / f"{name}.tsv")
         assert rows, name
@@ -315,6 +317,33 @@ def test_prep_writes_every_manifest_config_and_vocab(corpus):
                         *[str(out / f"{n}.tsv") for n in sorted(names)]], capture_output=True, text=True, cwd=str(REPO))
     assert v.returncode == 0, f"{v.stdout[-2000:]}{v.stderr[-2000:]}"
     assert "audio batches" in proc.stderr  # progress is logged
+
+
+def test_digit_strings_real_ones_spliced_from_held_out_recordings(corpus, fixture):
+    out, _ = corpus
+    sounds = fixture["root"] / offline_sources.SOUNDS_DIR
+    train = read_tsv(out / "train.tsv") + read_tsv(out / "dev.tsv")
+    words = {"seven": "7", "two": "2"}  # the fixture's Asterisk digit recordings
+    real = read_tsv(out / "test_digits_real_asr_nb.tsv")
+    assert len(real) == 4 and all(r["speaker"] == "allison" for r in real)
+    for r in real:
+        digits = r["tgt_text"].split()
+        assert 3 <= len(digits) <= 7 and set(digits) <= set(words)
+        # the clip is the digits' recordings, 80 ms apart
+        parts = [sf.info(str(sounds / f"digits/{words[d]}.wav")).frames for d in digits]
+        assert sf.info(str(out / r["audio"])).frames == sum(parts) + int(0.08 * 8000) * (len(digits) - 1)
+    es = {r["id"].rsplit("_", 2)[0]: r["tgt_text"] for r in read_tsv(out / "test_digits_real_es_st_nb.tsv")}
+    assert {es[r["id"].rsplit("_", 2)[0]] for r in real} == {
+        " ".join({"seven": "siete", "two": "dos"}[d] for d in r["tgt_text"].split()) for r in real}
+    # neither a spliced recording nor a test string is trained on
+    assert not any(r["id"].startswith("real_digits-") for r in train)
+    test_keys = {r["tgt_text"] for name in ("test_digits_real_asr_nb", "test_digits_synth_asr_wb")
+                 for r in read_tsv(out / f"{name}.tsv")}
+    train_digit_rows = [r for r in train if r["task"] == "asr" and set(r["tgt_text"].split()) <= set(
+        "zero one two three four five six seven eight nine".split())]
+    assert len({r["tgt_text"] for r in train_digit_rows}) >= 6
+    assert not test_keys & {r["tgt_text"] for r in train_digit_rows}
+    assert {r["speaker"] for r in read_tsv(out / "test_digits_synth_asr_wb.tsv")} == {"rms"}
 
 
 def test_audio_rates_frames_and_targets(corpus):

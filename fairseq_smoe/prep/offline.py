@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 
 NB_MAX_HIGH_BAND_DB = -50.0  # an NB clip upsampled to 16 kHz must have less than this above 4 kHz
 REAL_SPEAKER = "allison"
+# spoken digit strings: the words a voice reads and their translations (what an IVR reads back: account numbers,
+# PINs, extensions)
+DIGIT_WORDS = {
+    "en": "zero one two three four five six seven eight nine".split(),
+    "es": "cero uno dos tres cuatro cinco seis siete ocho nueve".split(),
+    "de": "null eins zwei drei vier fünf sechs sieben acht neun".split(),
+}
+DIGIT_PAUSE_S = 0.08  # silence between the spliced Asterisk digit recordings
 LICENCES = {
     "asterisk-core-sounds": "CC-BY-SA-3.0 (Allison Smith / Digium); transcripts and translations from the packages",
     "debian-translations": "package descriptions under their packages' licences (DDTP translations)",
@@ -46,18 +54,19 @@ LICENCES = {
 }
 
 PRESETS = {
-    # about 30 minutes on 2 CPU cores for prep + 4 systems. What lets a small model start to listen (rather than
+    # about 30 minutes on 2 CPU cores for prep + 4 systems. Spoken digit strings (a closed 10-word vocabulary, new
+    # strings at test time) are what such a model does learn in that time; the open sentences it barely starts on. What lets a small model start to listen (rather than
     # recite likely training sentences) within a few thousand CPU updates, measured: many different sentences
     # (every aligned en-es and en-de pair of <= 10 words: 2,300 English sentences, so that no sentence can be
     # memorised), each read by 2 voices in one bandwidth; characters as output units; the auxiliary CTC loss of
     # examples/demo/compare.py
     "quick": dict(langs="es,de", pairs_per_lang=0, max_words=10, max_real_words=16, voices_per_sentence=2,
                   paired_bandwidths=False, test_sentences=100, dev_sentences=30, vocab_size=100, vocab_type="char",
-                  specaugment=False),
+                  specaugment=False, digit_strings=1500),
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
     "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
                  paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000,
-                 vocab_type="unigram", specaugment=True),
+                 vocab_type="unigram", specaugment=True, digit_strings=5000),
 }
 
 
@@ -77,6 +86,8 @@ class Clip:
     prompt: str = ""           # real: Asterisk prompt name
     nb_src: str = ""
     wb_src: str = ""
+    group: str = ""            # "digits" for spoken digit strings, "" for sentences
+    splice: List[str] = field(default_factory=list)  # real digit strings: the Asterisk digit prompts, in order
 
 
 @dataclass
@@ -117,6 +128,8 @@ def plan_corpus(args) -> List[Clip]:
     prompts = offline_sources.find_prompts(Path(args.root))
     real = []
     for p in prompts:
+        if args.digit_strings and re.fullmatch(r"digits/\d", p.name):
+            continue  # its recording is spliced into the real digit-string test set: never trained on
         en = offline_text.normalize_target(p.en, "en")
         if not en or (args.max_real_words and len(en.split()) > args.max_real_words):
             continue
@@ -188,7 +201,63 @@ def plan_corpus(args) -> List[Clip]:
             if split_of[en] == "train" and en not in seen:
                 seen.add(en)
                 add_synth(en, p.en, targets, "train", train_voices, args.voices_per_sentence, i)
+    if args.digit_strings:
+        clips += plan_digit_strings(args, langs, train_voices, test_voices, Path(args.root))
     check_disjoint(clips)
+    return clips
+
+
+def _digit_key(digits: Sequence[int], lang: str = "en") -> str:
+    return " ".join(DIGIT_WORDS[lang][d] for d in digits)
+
+
+def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> List[Clip]:
+    """Spoken digit strings of 3 to 7 digits: synthetic ones for every split, and a real test set spliced from
+    the Asterisk digit recordings (how Asterisk's SayDigits speaks a number), never trained on."""
+    import random
+
+    rng = random.Random(args.seed)
+    targets_of = lambda ds: {lang: _digit_key(ds, lang) for lang in ["en"] + [x for x in langs if x in DIGIT_WORDS]}
+    sounds = root / offline_sources.SOUNDS_DIR
+    real_digits = [d for d in range(10) if (sounds / f"digits/{d}.wav").is_file()
+                   and (sounds / f"digits/{d}.g722").is_file()]
+    seen, clips = set(), []
+
+    def fresh(pool, n):
+        out = []
+        while len(out) < n:
+            ds = tuple(rng.choice(pool) for _ in range(rng.randint(3, 7)))
+            if ds not in seen:
+                seen.add(ds)
+                out.append(ds)
+        return out
+
+    n_test, n_dev = max(1, args.test_sentences), max(1, args.dev_sentences)
+    real_test = fresh(real_digits, n_test) if len(real_digits) >= 2 else []
+    if not real_test:
+        logger.warning(f"{sounds}/digits: fewer than two digit recordings; no real digit-string test set")
+    synth_test, dev = fresh(list(range(10)), n_test), fresh(list(range(10)), n_dev)
+    train = fresh(list(range(10)), args.digit_strings)
+    for i, ds in enumerate(real_test):
+        key = _digit_key(ds)
+        clips.append(Clip(id=f"real_digits_{_key_id(key)}", split="test", source="real", speaker=REAL_SPEAKER,
+                          en_key=key, text=key, targets=targets_of(ds), bandwidths=["nb", "wb"], group="digits",
+                          splice=[f"digits/{d}" for d in ds]))
+    for split, strings in (("test", synth_test), ("dev", dev), ("train", train)):
+        pool = test_voices if split == "test" else train_voices
+        for i, ds in enumerate(strings):
+            key = _digit_key(ds)
+            n = 1 if split != "train" else (len(pool) if args.voices_per_sentence <= 0
+                                            else min(args.voices_per_sentence, len(pool)))
+            for j in range(n):
+                v = pool[(i + j) % len(pool)]
+                if args.paired_bandwidths or split == "test":
+                    bws = ["nb", "wb"]
+                else:
+                    bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
+                clips.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
+                                  en_key=key, text=key, targets=targets_of(ds), bandwidths=bws, voice=v.name,
+                                  group="digits"))
     return clips
 
 
@@ -257,7 +326,33 @@ def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
     return out
 
 
-def make_audio(out_dir: Path, clips: Sequence[Clip], workers: int, batch_size: int = 24) -> Dict[str, Dict]:
+def make_spliced_batch(out_dir: str, sounds: str, items: List[Tuple[str, List[str]]]) -> Dict:
+    """Real digit strings: the Asterisk recordings of each digit, 80 ms apart, in NB (8 kHz wav) and WB (G.722)."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = {}
+    for cid, names in items:
+        for bw, rate in (("nb", 8000), ("wb", audio.TARGET_SAMPLE_RATE)):
+            dst = clip_path(Path(out_dir), cid, bw)
+            if not dst.exists():
+                parts = []
+                for name in names:
+                    if bw == "nb":
+                        wav, sr = audio.read_waveform(audio.AudioRef(str(Path(sounds) / f"{name}.wav")))
+                        if sr != 8000:
+                            raise ValueError(f"{sounds}/{name}.wav: {sr} Hz; the Asterisk en-wav prompts are 8 kHz")
+                    else:
+                        wav = offline_sources.decode_g722(Path(sounds) / f"{name}.g722")
+                    parts += [np.asarray(wav, dtype=np.float32), np.zeros(int(DIGIT_PAUSE_S * rate), np.float32)]
+                common.write_wav(dst, np.concatenate(parts[:-1]), rate)
+        out[cid] = {"nb": _measure(clip_path(Path(out_dir), cid, "nb"), "nb"),
+                    "wb": _measure(clip_path(Path(out_dir), cid, "wb"), "wb")}
+    return out
+
+
+def make_audio(out_dir: Path, clips: Sequence[Clip], workers: int, batch_size: int = 24,
+               root: str = "/") -> Dict[str, Dict]:
     """All clips' audio (parallel over batches, existing files kept); returns per clip and bandwidth
     (samples, dB above 4 kHz)."""
     jobs = []
@@ -268,7 +363,11 @@ def make_audio(out_dir: Path, clips: Sequence[Clip], workers: int, batch_size: i
     for voice, items in sorted(by_voice.items()):
         for i in range(0, len(items), batch_size):
             jobs.append((make_synth_batch, (str(out_dir), voice, items[i:i + batch_size])))
-    real = [(c.id, c.nb_src, c.wb_src) for c in clips if c.source == "real"]
+    real = [(c.id, c.nb_src, c.wb_src) for c in clips if c.source == "real" and not c.splice]
+    spliced = [(c.id, c.splice) for c in clips if c.splice]
+    for i in range(0, len(spliced), batch_size):
+        jobs.append((make_spliced_batch, (str(out_dir), str(Path(root) / offline_sources.SOUNDS_DIR),
+                                          spliced[i:i + batch_size])))
     for i in range(0, len(real), batch_size):
         jobs.append((make_real_batch, (str(out_dir), real[i:i + batch_size])))
     info: Dict[str, Dict] = {}
@@ -304,7 +403,7 @@ def spectrum_report(clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict:
 # ---- manifests --------------------------------------------------------------------------------------------------
 
 def manifest_rows(out_dir: Path, clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict[str, List[Dict]]:
-    """Rows of train, dev and every test set (``test_<synth|real>[_<lang>]_<asr|st>_<nb|wb>``)."""
+    """Rows of train, dev and every test set (``test_[digits_]<synth|real>[_<lang>]_<asr|st>_<nb|wb>``)."""
     sets: Dict[str, List[Dict]] = defaultdict(list)
     for c in clips:
         for bw in c.bandwidths:
@@ -317,7 +416,8 @@ def manifest_rows(out_dir: Path, clips: Sequence[Clip], info: Dict[str, Dict]) -
                        "tgt_text": text, "speaker": c.speaker, "task": task, "src_lang": "en", "tgt_lang": lang,
                        "bandwidth": bw}
                 if c.split == "test":
-                    name = f"test_{c.source}{'' if task == 'asr' else '_' + lang}_{task}_{bw}"
+                    group = f"{c.group}_" if c.group else ""
+                    name = f"test_{group}{c.source}{'' if task == 'asr' else '_' + lang}_{task}_{bw}"
                 else:
                     name = c.split
                 sets[name].append(row)
@@ -347,7 +447,7 @@ def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, 
 SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "max_real_words",
                 "voices_per_sentence",
                 "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
-                "vocab_size", "vocab_type", "specaugment", "seed")
+                "vocab_size", "vocab_type", "specaugment", "digit_strings", "seed")
 
 
 def settings_of(args) -> Dict:
@@ -396,7 +496,7 @@ def prepare(args) -> Dict:
         _write_json(plan_file, {"settings": settings_of(args), "clips": [asdict(c) for c in clips]})
         logger.info(f"planned {len(clips)} clips ({sum(c.source == 'synth' for c in clips)} synthetic) in {plan_file}")
 
-    info = make_audio(out, clips, workers=args.workers, batch_size=args.batch_size)
+    info = make_audio(out, clips, workers=args.workers, batch_size=args.batch_size, root=args.root)
     spectrum = spectrum_report(clips, info)
     _write_json(out / "spectrum.json", spectrum)
     logger.info(f"spectrum check passed: every NB clip < {NB_MAX_HIGH_BAND_DB} dB above 4 kHz "
@@ -445,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-test-fraction", type=float, default=0.2, help="share of Asterisk prompts held out")
     p.add_argument("--real-train", action=argparse.BooleanOptionalAction, default=True,
                    help="train on the other Asterisk prompts (--no-real-train: the real speaker is unseen too)")
+    p.add_argument("--digit-strings", type=int, help="train digit strings (3-7 digits; 0 = none); the test and dev "
+                   "sets get --test-sentences / --dev-sentences strings, plus a real test set spliced from Asterisk's "
+                   "digit recordings (quick: 1500, full: 5000)")
     p.add_argument("--vocab-size", type=int, help="SentencePiece pieces (ignored by --vocab-type char)")
     p.add_argument("--vocab-type", choices=["unigram", "bpe", "char"],
                    help="SentencePiece model type (quick: char, full: unigram)")

@@ -66,7 +66,7 @@ PRESETS = {
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
     "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
                  paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000,
-                 vocab_type="unigram", specaugment=True, digit_strings=5000),
+                 vocab_type="unigram", specaugment=True, digit_strings=1000),
 }
 
 
@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the other Asterisk prompts (--no-real-train: the real speaker is unseen too)")
     p.add_argument("--digit-strings", type=int, help="train digit strings (3-7 digits; 0 = none); the test and dev "
                    "sets get --test-sentences / --dev-sentences strings, plus a real test set spliced from Asterisk's "
-                   "digit recordings (quick: 1500, full: 5000)")
+                   "digit recordings (quick: 1500, full: 1000)")
     p.add_argument("--vocab-size", type=int, help="SentencePiece pieces (ignored by --vocab-type char)")
     p.add_argument("--vocab-type", choices=["unigram", "bpe", "char"],
                    help="SentencePiece model type (quick: char, full: unigram)")

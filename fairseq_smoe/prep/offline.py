@@ -177,15 +177,7 @@ def plan_corpus(args) -> List[Clip]:
                           prompt=p.name, nb_src=str(p.nb_path), wb_src=str(p.wb_path)))
 
     def add_synth(key, raw, targets, split, voice_pool, n_voices, k_index):
-        n = len(voice_pool) if n_voices <= 0 else min(n_voices, len(voice_pool))
-        for j in range(n):
-            v = voice_pool[(k_index + j) % len(voice_pool)]
-            if args.paired_bandwidths or split == "test":
-                bws = ["nb", "wb"]
-            else:
-                bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
-            clips.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
-                              en_key=key, text=raw, targets=targets, bandwidths=bws, voice=v.name))
+        clips.extend(synth_clips(args, key, raw, targets, split, voice_pool, n_voices, k_index))
 
     # synthetic: Debian sentences, plus the train prompts' texts read by the train voices
     for i, k in enumerate(sorted(debian)):
@@ -205,6 +197,23 @@ def plan_corpus(args) -> List[Clip]:
         clips += plan_digit_strings(args, langs, train_voices, test_voices, Path(args.root))
     check_disjoint(clips)
     return clips
+
+
+def synth_clips(args, key: str, text: str, targets: Dict[str, str], split: str, voice_pool, n_voices: int,
+                k_index: int, group: str = "") -> List[Clip]:
+    """``text`` read by ``n_voices`` voices of the pool (0 = all), chosen round-robin from ``k_index``; test clips
+    in both bandwidths, others in both only with --paired-bandwidths (else one, by a seeded hash)."""
+    n = len(voice_pool) if n_voices <= 0 else min(n_voices, len(voice_pool))
+    out = []
+    for j in range(n):
+        v = voice_pool[(k_index + j) % len(voice_pool)]
+        if args.paired_bandwidths or split == "test":
+            bws = ["nb", "wb"]
+        else:
+            bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
+        out.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
+                        en_key=key, text=text, targets=targets, bandwidths=bws, voice=v.name, group=group))
+    return out
 
 
 def _digit_key(digits: Sequence[int], lang: str = "en") -> str:
@@ -247,17 +256,8 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
         pool = test_voices if split == "test" else train_voices
         for i, ds in enumerate(strings):
             key = _digit_key(ds)
-            n = 1 if split != "train" else (len(pool) if args.voices_per_sentence <= 0
-                                            else min(args.voices_per_sentence, len(pool)))
-            for j in range(n):
-                v = pool[(i + j) % len(pool)]
-                if args.paired_bandwidths or split == "test":
-                    bws = ["nb", "wb"]
-                else:
-                    bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
-                clips.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
-                                  en_key=key, text=key, targets=targets_of(ds), bandwidths=bws, voice=v.name,
-                                  group="digits"))
+            clips += synth_clips(args, key, key, targets_of(ds), split, pool,
+                                 args.voices_per_sentence if split == "train" else 1, i, group="digits")
     return clips
 
 

@@ -26,9 +26,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from ..routing import guiding_token
-
-ENCODER_OUT_KEY = "encoder_out"  # where S2TSMoEModel.forward leaves the encoder output in the decoder's extra
+from ..models.s2t_smoe import ENCODER_OUT_KEY
+from .logging_output import label_smoothed_logging_output
 
 
 @dataclass
@@ -49,9 +48,6 @@ class LabelSmoothedCrossEntropyAsrCtcCriterion(LabelSmoothedCrossEntropyCriterio
                              f"(use label_smoothed_cross_entropy for none)")
         self.ctc_weight = ctc_weight
         d = task.target_dictionary
-        self.transcribe_idx = d.index(guiding_token("transcribe"))
-        if self.transcribe_idx == d.unk():
-            raise ValueError(f"{guiding_token('transcribe')} is not in the target dictionary: no ASR rows to use")
         self.blank_idx = d.bos()
         self.pad_idx = d.pad()
         self.eos_idx = d.eos()
@@ -66,12 +62,13 @@ class LabelSmoothedCrossEntropyAsrCtcCriterion(LabelSmoothedCrossEntropyCriterio
                 f"--criterion label_smoothed_cross_entropy_asr_ctc needs a model with a CTC projection that returns "
                 f"its encoder output (the s2t_smoe architectures: {type(model).__name__} does not)"
             )
-        asr = sample["decoder_prefix"][:, 0].to(sample["target"].device) == self.transcribe_idx
+        # the collater's per-row task list is on the host: no device-to-host sync to find the ASR rows
+        asr = [i for i, task in enumerate(sample["tasks"]) if task == "asr"]
         x = encoder_out["encoder_out"][0]  # T x B x C
-        if not bool(asr.any()):
+        if not asr:
             # zero, but through the projection, so that every parameter still gets a (zero) gradient
             return sum(p.sum() for p in ctc_proj.parameters()).float() * 0.0, 0
-        rows = asr.nonzero().squeeze(1)
+        rows = torch.tensor(asr, dtype=torch.long, device=x.device)
         lprobs = utils.log_softmax(ctc_proj(x.index_select(1, rows)).float(), dim=-1)  # T x b x V
         lens = lprobs.new_full((rows.numel(),), lprobs.size(0), dtype=torch.long)
         if len(encoder_out.get("encoder_padding_mask", [])) > 0:
@@ -87,20 +84,8 @@ class LabelSmoothedCrossEntropyAsrCtcCriterion(LabelSmoothedCrossEntropyCriterio
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         ctc, n_ctc = self.ctc_loss(model, net_output, sample)
         loss = loss + self.ctc_weight * ctc
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "ctc_loss": ctc.data,
-            "ctc_rows": n_ctc,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
-        if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
+        sample_size, logging_output = label_smoothed_logging_output(self, model, net_output, sample, loss, nll_loss)
+        logging_output.update(ctc_loss=ctc.data, ctc_rows=n_ctc)
         return loss, sample_size, logging_output
 
     @classmethod

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
@@ -20,6 +19,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from ..models.s2t_lmoe import AUX_KEY, MOE_CRITERION
+from .logging_output import label_smoothed_logging_output
 
 
 @dataclass
@@ -43,24 +43,15 @@ class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "nll_loss": nll_loss.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
+        moe_logs = {}
         records = net_output[1].get(AUX_KEY) if isinstance(net_output[1], dict) else None
         if records:
             aux = torch.stack([r["aux_loss"] for r in records]).mean()
             dropped = torch.stack([r["dropped"] for r in records]).mean()
             loss = loss + self.moe_loss_coef * sample_size * aux.to(loss.dtype)
-            logging_output["moe_aux"] = aux.data * sample_size
-            logging_output["moe_dropped"] = dropped.data * sample_size
-        logging_output["loss"] = loss.data
-        if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
+            moe_logs = {"moe_aux": aux.data * sample_size, "moe_dropped": dropped.data * sample_size}
+        _, logging_output = label_smoothed_logging_output(self, model, net_output, sample, loss, nll_loss)
+        logging_output.update(moe_logs)
         return loss, sample_size, logging_output
 
     @classmethod

@@ -36,6 +36,8 @@ DECODER_ROUTE_KEY = "decoder_route_ids"
 # [CPU scalar tensor] when every row of the batch takes one decoder route, else []: any beam-search reordering keeps
 # a one-route batch one-route, so incremental decoding steps need no device-to-host copy of the route ids
 DECODER_SINGLE_ROUTE_KEY = "decoder_single_route"
+# the decoder output's extra dict holds the encoder output here when the model has a CTC projection
+ENCODER_OUT_KEY = "encoder_out"
 
 
 def routing_table_from_args(args) -> RoutingTable:
@@ -192,7 +194,7 @@ class S2TSMoEModel(S2TTransformerModel):
         )
         decoder_out = self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
         if self.encoder.ctc_proj is not None:  # for the auxiliary CTC loss (label_smoothed_cross_entropy_asr_ctc)
-            decoder_out[1]["encoder_out"] = encoder_out
+            decoder_out[1][ENCODER_OUT_KEY] = encoder_out
         return decoder_out
 
 

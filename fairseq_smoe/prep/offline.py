@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import time
 from collections import Counter, defaultdict
@@ -45,6 +46,8 @@ DIGIT_WORDS = {
     "de": "null eins zwei drei vier fünf sechs sieben acht neun".split(),
 }
 DIGIT_PAUSE_S = 0.08  # silence between the spliced Asterisk digit recordings
+BW_RATE = {"nb": 8000, "wb": audio.TARGET_SAMPLE_RATE}
+BW_EXT = {"nb": "wav", "wb": "g722"}  # the Asterisk packages' file of each bandwidth
 LICENCES = {
     "asterisk-core-sounds": "CC-BY-SA-3.0 (Allison Smith / Digium); transcripts and translations from the packages",
     "debian-translations": "package descriptions under their packages' licences (DDTP translations)",
@@ -223,10 +226,12 @@ def _digit_key(digits: Sequence[int], lang: str = "en") -> str:
 def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> List[Clip]:
     """Spoken digit strings of 3 to 7 digits: synthetic ones for every split, and a real test set spliced from
     the Asterisk digit recordings (how Asterisk's SayDigits speaks a number), never trained on."""
-    import random
-
     rng = random.Random(args.seed)
-    targets_of = lambda ds: {lang: _digit_key(ds, lang) for lang in ["en"] + [x for x in langs if x in DIGIT_WORDS]}
+    target_langs = ["en"] + [x for x in langs if x in DIGIT_WORDS]
+
+    def targets_of(ds):
+        return {lang: _digit_key(ds, lang) for lang in target_langs}
+
     sounds = root / offline_sources.SOUNDS_DIR
     real_digits = [d for d in range(10) if (sounds / f"digits/{d}.wav").is_file()
                    and (sounds / f"digits/{d}.g722").is_file()]
@@ -282,7 +287,7 @@ def clip_path(out_dir: Path, clip_id: str, bw: str) -> Path:
 def _measure(path: Path, bw: str) -> Tuple[int, float]:
     """Samples of a written clip and its energy above 4 kHz (NB measured after upsampling to 16 kHz)."""
     wav, sr = audio.read_waveform(audio.AudioRef(str(path)))
-    expected = 8000 if bw == "nb" else audio.TARGET_SAMPLE_RATE
+    expected = BW_RATE[bw]
     if sr != expected:
         raise ValueError(f"{path}: {sr} Hz, expected {expected} Hz for {bw}")
     return len(wav), audio.high_band_energy_db(audio.resample(wav, sr, audio.TARGET_SAMPLE_RATE),
@@ -307,6 +312,16 @@ def make_synth_batch(out_dir: str, voice_name: str, items: List[Tuple[str, str, 
     return {cid: {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in bws} for cid, _, bws in items}
 
 
+def read_asterisk(path: Path, bw: str) -> np.ndarray:
+    """An Asterisk recording: NB = the package's 8 kHz wav, WB = the G.722 file decoded to 16 kHz."""
+    if bw == "wb":
+        return offline_sources.decode_g722(Path(path))
+    wav, sr = audio.read_waveform(audio.AudioRef(str(path)))
+    if sr != 8000:
+        raise ValueError(f"{path}: {sr} Hz; the Asterisk en-wav prompts are 8 kHz")
+    return np.asarray(wav, dtype=np.float32)
+
+
 def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
     """Real NB (the 8 kHz wav, copied) and WB (the G.722 file, decoded to 16 kHz) of Asterisk prompts."""
     import torch
@@ -314,15 +329,11 @@ def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
     torch.set_num_threads(1)
     out = {}
     for cid, nb_src, wb_src in items:
-        nb_dst, wb_dst = clip_path(Path(out_dir), cid, "nb"), clip_path(Path(out_dir), cid, "wb")
-        if not nb_dst.exists():
-            wav, sr = audio.read_waveform(audio.AudioRef(nb_src))
-            if sr != 8000:
-                raise ValueError(f"{nb_src}: {sr} Hz; the Asterisk en-wav prompts are 8 kHz")
-            common.write_wav(nb_dst, wav, 8000)
-        if not wb_dst.exists():
-            common.write_wav(wb_dst, offline_sources.decode_g722(Path(wb_src)), audio.TARGET_SAMPLE_RATE)
-        out[cid] = {"nb": _measure(nb_dst, "nb"), "wb": _measure(wb_dst, "wb")}
+        for bw, src in (("nb", nb_src), ("wb", wb_src)):
+            dst = clip_path(Path(out_dir), cid, bw)
+            if not dst.exists():
+                common.write_wav(dst, read_asterisk(src, bw), BW_RATE[bw])
+        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in ("nb", "wb")}
     return out
 
 
@@ -333,21 +344,13 @@ def make_spliced_batch(out_dir: str, sounds: str, items: List[Tuple[str, List[st
     torch.set_num_threads(1)
     out = {}
     for cid, names in items:
-        for bw, rate in (("nb", 8000), ("wb", audio.TARGET_SAMPLE_RATE)):
+        for bw in ("nb", "wb"):
             dst = clip_path(Path(out_dir), cid, bw)
             if not dst.exists():
-                parts = []
-                for name in names:
-                    if bw == "nb":
-                        wav, sr = audio.read_waveform(audio.AudioRef(str(Path(sounds) / f"{name}.wav")))
-                        if sr != 8000:
-                            raise ValueError(f"{sounds}/{name}.wav: {sr} Hz; the Asterisk en-wav prompts are 8 kHz")
-                    else:
-                        wav = offline_sources.decode_g722(Path(sounds) / f"{name}.g722")
-                    parts += [np.asarray(wav, dtype=np.float32), np.zeros(int(DIGIT_PAUSE_S * rate), np.float32)]
-                common.write_wav(dst, np.concatenate(parts[:-1]), rate)
-        out[cid] = {"nb": _measure(clip_path(Path(out_dir), cid, "nb"), "nb"),
-                    "wb": _measure(clip_path(Path(out_dir), cid, "wb"), "wb")}
+                pause = np.zeros(int(DIGIT_PAUSE_S * BW_RATE[bw]), np.float32)
+                parts = [read_asterisk(Path(sounds) / f"{name}.{BW_EXT[bw]}", bw) for name in names]
+                common.write_wav(dst, np.concatenate([x for part in parts for x in (part, pause)][:-1]), BW_RATE[bw])
+        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in ("nb", "wb")}
     return out
 
 
@@ -408,7 +411,7 @@ def manifest_rows(out_dir: Path, clips: Sequence[Clip], info: Dict[str, Dict]) -
     for c in clips:
         for bw in c.bandwidths:
             samples = info[c.id][bw][0]
-            rate = 8000 if bw == "nb" else audio.TARGET_SAMPLE_RATE
+            rate = BW_RATE[bw]
             for lang, text in sorted(c.targets.items()):
                 task = "asr" if lang == "en" else "st"
                 row = {"id": f"{c.id}_{task}{'' if task == 'asr' else '-' + lang}_{bw}",

@@ -65,11 +65,11 @@ PRESETS = {
     # examples/demo/compare.py
     "quick": dict(langs="es,de", pairs_per_lang=0, max_words=10, max_real_words=16, voices_per_sentence=2,
                   paired_bandwidths=False, test_sentences=100, dev_sentences=30, vocab_size=100, vocab_type="char",
-                  specaugment=False, digit_strings=1500, real_number_strings=400),
+                  specaugment=False, digit_strings=1500),
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
     "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
                  paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000,
-                 vocab_type="unigram", specaugment=True, digit_strings=1000, real_number_strings=0),
+                 vocab_type="unigram", specaugment=True, digit_strings=1000),
 }
 
 
@@ -252,7 +252,6 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
         logger.warning(f"{sounds}/digits: fewer than two digit recordings; no real digit-string test set")
     synth_test, dev = fresh(list(range(10)), n_test), fresh(list(range(10)), n_dev)
     train = fresh(list(range(10)), args.digit_strings)
-    clips += plan_real_number_strings(args, target_langs, sounds, rng)
     for i, ds in enumerate(real_test):
         key = _digit_key(ds)
         clips.append(Clip(id=f"real_digits_{_key_id(key)}", split="test", source="real", speaker=REAL_SPEAKER,
@@ -264,28 +263,6 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
             key = _digit_key(ds)
             clips += synth_clips(args, key, key, targets_of(ds), split, pool,
                                  args.voices_per_sentence if split == "train" else 1, i, group="digits")
-    return clips
-
-
-def plan_real_number_strings(args, target_langs, sounds: Path, rng: random.Random) -> List[Clip]:
-    """Train strings of 2 to 4 numbers spliced from the real speaker's recordings of 10-19 and 20, 30 ... 90
-    (never of 0-9, which make the real digit test set). Without them the real speaker only ever says prompts in
-    training, and a small model learns "this voice says a prompt" and answers her digit strings with prompt text."""
-    if not (args.real_number_strings and args.real_train):
-        return []
-    numbers = [n for n in list(range(10, 20)) + list(range(20, 100, 10))
-               if (sounds / f"digits/{n}.wav").is_file() and (sounds / f"digits/{n}.g722").is_file()]
-    if len(numbers) < 2:
-        logger.warning(f"{sounds}/digits: fewer than two recordings of 10-90; no real number strings in train")
-        return []
-    strings, clips = set(), []
-    while len(strings) < min(args.real_number_strings, sum(len(numbers) ** k for k in (2, 3, 4))):
-        strings.add(tuple(rng.choice(numbers) for _ in range(rng.randint(2, 4))))
-    for ns in sorted(strings):
-        targets = {lang: " ".join(offline_text.number_words(n, lang) for n in ns) for lang in target_langs}
-        clips.append(Clip(id=f"real_numbers_{_key_id(targets['en'])}", split="train", source="real",
-                          speaker=REAL_SPEAKER, en_key=targets["en"], text=targets["en"], targets=targets,
-                          bandwidths=["nb", "wb"], group="numbers", splice=[f"digits/{n}" for n in ns]))
     return clips
 
 
@@ -473,7 +450,7 @@ def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, 
 SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "max_real_words",
                 "voices_per_sentence",
                 "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
-                "vocab_size", "vocab_type", "specaugment", "digit_strings", "real_number_strings", "seed")
+                "vocab_size", "vocab_type", "specaugment", "digit_strings", "seed")
 
 
 def settings_of(args) -> Dict:
@@ -574,8 +551,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit-strings", type=int, help="train digit strings (3-7 digits; 0 = none); the test and dev "
                    "sets get --test-sentences / --dev-sentences strings, plus a real test set spliced from Asterisk's "
                    "digit recordings (quick: 1500, full: 1000)")
-    p.add_argument("--real-number-strings", type=int, help="train strings of 2-4 numbers spliced from the real "
-                   "speaker's recordings of 10-19 and the tens (0 = none; quick: 400, full: 0)")
     p.add_argument("--vocab-size", type=int, help="SentencePiece pieces (ignored by --vocab-type char)")
     p.add_argument("--vocab-type", choices=["unigram", "bpe", "char"],
                    help="SentencePiece model type (quick: char, full: unigram)")

@@ -221,24 +221,16 @@ _ONES = {
     "de": "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn vierzehn fünfzehn sechzehn "
           "siebzehn achtzehn neunzehn".split(),
 }
-_TENS = {
-    "en": "twenty thirty forty fifty sixty seventy eighty ninety".split(),
-    "es": "veinte treinta cuarenta cincuenta sesenta setenta ochenta noventa".split(),
-    "de": "zwanzig dreißig vierzig fünfzig sechzig siebzig achtzig neunzig".split(),
-}
+_TENS_EN = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def number_words(n: int, lang: str) -> Optional[str]:
-    """0-19 and the whole tens in en/es/de, 20-99 in en, as spoken; ``None`` for anything else (es/de write
-    21-99 as one compound word, not handled)."""
+    """0-19 in en/es/de and 20-99 in en, as spoken; ``None`` for anything else."""
     if 0 <= n < 20:
         return _ONES[lang][n]
-    if 20 <= n < 100:
+    if lang == "en" and 20 <= n < 100:
         tens, ones = divmod(n, 10)
-        if ones == 0:
-            return _TENS[lang][tens - 2]
-        if lang == "en":
-            return _TENS["en"][tens - 2] + " " + _ONES["en"][ones]
+        return _TENS_EN[tens - 2] + ("" if ones == 0 else " " + _ONES["en"][ones])
     return None
 
 

@@ -8,6 +8,7 @@ plain, gzip and xz). Speech is made with flite. When the real packages are insta
 
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import signal
@@ -344,6 +345,19 @@ def test_digit_strings_real_ones_spliced_from_held_out_recordings(corpus, fixtur
     assert len({r["tgt_text"] for r in train_digit_rows}) >= 6
     assert not test_keys & {r["tgt_text"] for r in train_digit_rows}
     assert {r["speaker"] for r in read_tsv(out / "test_digits_synth_asr_wb.tsv")} == {"rms"}
+
+
+def test_some_train_digit_strings_are_read_one_digit_at_a_time(corpus):
+    out, _ = corpus
+    clips = json.loads((out / "plan.json").read_text())["clips"]
+    digits = [c for c in clips if c["group"] == "digits" and c["source"] == "synth"]
+    sep = [c for c in digits if "_sep" in c["id"]]
+    assert sep and len(sep) < len(digits)  # quick: about half of the train and dev strings
+    for c in sep:
+        assert c["split"] != "test" and c["id"].endswith("_sep")
+        assert c["text"] == ". ".join(w.capitalize() for w in c["targets"]["en"].split()) + "."
+    assert all(c["text"] == c["targets"]["en"] for c in digits if c not in sep)
+    assert {c["split"] for c in digits if c not in sep} >= {"test"}
 
 
 def test_audio_rates_frames_and_targets(corpus):

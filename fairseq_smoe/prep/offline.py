@@ -57,19 +57,17 @@ LICENCES = {
 }
 
 PRESETS = {
-    # about 30 minutes on 2 CPU cores for prep + 4 systems. Spoken digit strings (a closed 10-word vocabulary, new
-    # strings at test time) are what such a model does learn in that time; the open sentences it barely starts on. What lets a small model start to listen (rather than
-    # recite likely training sentences) within a few thousand CPU updates, measured: many different sentences
-    # (every aligned en-es and en-de pair of <= 10 words: 2,300 English sentences, so that no sentence can be
-    # memorised), each read by 2 voices in one bandwidth; characters as output units; the auxiliary CTC loss of
-    # examples/demo/compare.py
-    "quick": dict(langs="es,de", pairs_per_lang=0, max_words=10, max_real_words=16, voices_per_sentence=2,
+    # about 30 minutes on 2 CPU cores for prep + 4 systems; measured choices (README, "What was measured"): the 300
+    # commonest aligned pairs per language of <= 10 words (the small models learn common-word sentences in a few
+    # thousand CPU updates, not all 2,300), 2 voices per sentence in one bandwidth, characters as output units,
+    # 1,500 digit strings of which half are read one digit at a time (as an IVR plays digit recordings)
+    "quick": dict(langs="es,de", pairs_per_lang=300, max_words=10, max_real_words=16, voices_per_sentence=2,
                   paired_bandwidths=False, test_sentences=100, dev_sentences=30, vocab_size=100, vocab_type="char",
-                  specaugment=False, digit_strings=1500),
+                  specaugment=False, digit_strings=1500, separate_digits=0.5),
     # everything: every aligned pair, every train voice speaks every train sentence, both bandwidths of each clip
     "full": dict(langs="es,de", pairs_per_lang=0, max_words=20, max_real_words=0, voices_per_sentence=0,
                  paired_bandwidths=True, test_sentences=300, dev_sentences=100, vocab_size=4000,
-                 vocab_type="unigram", specaugment=True, digit_strings=1000),
+                 vocab_type="unigram", specaugment=True, digit_strings=1000, separate_digits=0.5),
 }
 
 
@@ -203,7 +201,7 @@ def plan_corpus(args) -> List[Clip]:
 
 
 def synth_clips(args, key: str, text: str, targets: Dict[str, str], split: str, voice_pool, n_voices: int,
-                k_index: int, group: str = "") -> List[Clip]:
+                k_index: int, group: str = "", variant: str = "") -> List[Clip]:
     """``text`` read by ``n_voices`` voices of the pool (0 = all), chosen round-robin from ``k_index``; test clips
     in both bandwidths, others in both only with --paired-bandwidths (else one, by a seeded hash)."""
     n = len(voice_pool) if n_voices <= 0 else min(n_voices, len(voice_pool))
@@ -214,7 +212,7 @@ def synth_clips(args, key: str, text: str, targets: Dict[str, str], split: str, 
             bws = ["nb", "wb"]
         else:
             bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
-        out.append(Clip(id=f"syn_{v.name}_{_key_id(key)}", split=split, source="synth", speaker=v.speaker,
+        out.append(Clip(id=f"syn_{v.name}_{_key_id(key)}{variant}", split=split, source="synth", speaker=v.speaker,
                         en_key=key, text=text, targets=targets, bandwidths=bws, voice=v.name, group=group))
     return out
 
@@ -261,8 +259,13 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
         pool = test_voices if split == "test" else train_voices
         for i, ds in enumerate(strings):
             key = _digit_key(ds)
-            clips += synth_clips(args, key, key, targets_of(ds), split, pool,
-                                 args.voices_per_sentence if split == "train" else 1, i, group="digits")
+            text, variant = key, ""
+            if split != "test" and _hash01(args.seed + 2, key) < args.separate_digits:
+                # one digit at a time, each its own sentence, as an IVR plays its digit recordings back to back
+                text, variant = ". ".join(w.capitalize() for w in key.split()) + ".", "_sep"
+            clips += synth_clips(args, key, text, targets_of(ds), split, pool,
+                                 args.voices_per_sentence if split == "train" else 1, i, group="digits",
+                                 variant=variant)
     return clips
 
 
@@ -450,7 +453,7 @@ def summary(clips: Sequence[Clip], sets: Dict[str, List[Dict]], spectrum: Dict, 
 SETTING_KEYS = ("mode", "langs", "voices", "test_speakers", "pairs_per_lang", "max_words", "max_real_words",
                 "voices_per_sentence",
                 "paired_bandwidths", "test_sentences", "dev_sentences", "real_test_fraction", "real_train",
-                "vocab_size", "vocab_type", "specaugment", "digit_strings", "seed")
+                "vocab_size", "vocab_type", "specaugment", "digit_strings", "separate_digits", "seed")
 
 
 def settings_of(args) -> Dict:
@@ -551,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit-strings", type=int, help="train digit strings (3-7 digits; 0 = none); the test and dev "
                    "sets get --test-sentences / --dev-sentences strings, plus a real test set spliced from Asterisk's "
                    "digit recordings (quick: 1500, full: 1000)")
+    p.add_argument("--separate-digits", type=float, help="share of the train and dev digit strings read one digit "
+                   "at a time (each digit its own sentence), as an IVR plays its digit recordings back to back; the "
+                   "synthetic test strings are always read as one phrase (quick and full: 0.5)")
     p.add_argument("--vocab-size", type=int, help="SentencePiece pieces (ignored by --vocab-type char)")
     p.add_argument("--vocab-type", choices=["unigram", "bpe", "char"],
                    help="SentencePiece model type (quick: char, full: unigram)")

@@ -66,14 +66,24 @@ def test_results_have_every_system_and_test_set(demo):
 
 
 def test_markdown_table_rows_and_columns(demo):
-    _, out, proc = demo
+    data, out, proc = demo
     md = (out / "results.md").read_text()
     asr, st = md.split("### ASR")[1].split("### ST")
     header = next(line for line in asr.splitlines() if line.startswith("| system"))
     assert header == "| system | params total / active (M) | real NB | synth WB |"
     rows = [line.split(" | ")[0].strip("| ") for line in asr.splitlines() if line.startswith("| ")][1:]
-    assert rows == SYSTEMS + ["*empty hypothesis*", "*utterances*"]
+    assert rows == SYSTEMS + ["*empty hypothesis*", "*best constant hypothesis*", "*utterances*"]
     assert "| *empty hypothesis* | | 100.0 | 100.0 |" in asr
+    # the constant-hypothesis floor is recomputed here from the manifests, independently of compare.py
+    sys.path.insert(0, str(REPO / "examples/demo"))
+    import constant_baseline
+
+    train = read_tsv(data / "train.tsv")
+    expected = {s: constant_baseline.for_test_set(data, s, train) for s in TEST_SETS}
+    assert json.loads((out / "results.json").read_text())["constant_hypothesis"] == expected
+    assert (f"| *best constant hypothesis* | | {expected['test_real_asr_nb']['score']:.1f} | "
+            f"{expected['test_synth_asr_wb']['score']:.1f} |") in asr
+    assert 0 < expected["test_real_asr_nb"]["score"] <= 100 and expected["test_real_es_st_nb"]["metric"] == "BLEU"
     assert "| system | params total / active (M) | real es NB |" in st
     assert md in proc.stdout
 

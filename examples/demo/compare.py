@@ -6,8 +6,9 @@ Systems (same data, same updates, same seed): Base (hard sharing), DecFFNx2, Dec
 trained with ``fairseq-train`` and every ``test_<name>_<asr|st>_<nb|wb>.tsv`` is decoded with ``fairseq-generate``
 in subprocesses, exactly as a user would. Reruns resume: a finished training or decoding is skipped, an interrupted
 training continues from checkpoint_last.pt. Writes ``results.json``, ``results.md`` and ``results.png`` into
-``--out``. Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted),
-the floor a model has to beat to show it learned anything.
+``--out``. Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted)
+and the best *constant* hypothesis' score (:mod:`constant_baseline`: what a model that ignores the audio can reach
+with the text prior alone); a model listens only where it beats both.
 """
 
 import argparse
@@ -198,10 +199,23 @@ def tables(results: dict, subsets: list) -> str:
                              + " |")
         floor = "100.0" if task == "asr" else "0.0"
         lines.append("| *empty hypothesis* | | " + " | ".join(floor for _ in cols) + " |")
+        constant = results.get("constant_hypothesis", {})
+        if constant:
+            lines.append("| *best constant hypothesis* | | " + " | ".join(
+                f"{constant[c]['score']:.1f}" if c in constant else "" for c in cols) + " |")
         any_sys = next(iter(results["systems"].values()), None)
         if any_sys:
             lines.append("| *utterances* | | " + " | ".join(str(any_sys["tests"][c]["n"]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def constant_hypotheses(data: Path, subsets: list) -> dict:
+    """Per test set, the best constant hypothesis drawn from the training targets (:mod:`constant_baseline`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import constant_baseline
+
+    train = constant_baseline.read_rows(data / "train.tsv")
+    return {s: constant_baseline.for_test_set(data, s, train) for s in subsets}
 
 
 def chart(results: dict, subsets: list, path: Path) -> None:
@@ -223,6 +237,12 @@ def chart(results: dict, subsets: list, path: Path) -> None:
         ax.set_title(metric)
         if task == "asr":
             ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="empty hypothesis")
+        constant = results.get("constant_hypothesis", {})
+        if any(c in constant for c in cols):
+            xs = [i for i, c in enumerate(cols) if c in constant]
+            ax.hlines([constant[cols[i]]["score"] for i in xs], [i - width / 2 for i in xs],
+                      [i + 0.8 - width / 2 for i in xs], colors="black", linewidth=1.5,
+                      label="best constant hypothesis")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5, frameon=False)
     fig.suptitle(f"{results['data']}: {results['size']} models, {results['max_update']} updates each", fontsize=10)
     fig.tight_layout()
@@ -322,6 +342,7 @@ def main(argv=None):
                 future.cancel()
             raise
     results["seconds_this_run"] = round(time.time() - start, 1)
+    results["constant_hypothesis"] = constant_hypotheses(args.data, subsets)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     md = (f"# S-MoE comparison on {args.data.name}\n\n{results['size']} models, {args.max_update} updates each "

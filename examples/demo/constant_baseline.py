@@ -1,0 +1,83 @@
+"""The best *constant* hypothesis of a test set: what a model scores if it ignores the audio.
+
+A model that does not listen gives every utterance of a test set the same output (the decoder sees the same guiding
+tokens and nothing else that differs). The strongest such output, picked with the test references themselves, is a
+better floor than the empty hypothesis on formulaic sets such as package descriptions ("this package contains the
+...": a model that learned only the text prior already scores well there). Candidates are the training targets of
+the same target language and every word prefix of them.
+
+    python examples/demo/constant_baseline.py --data data/offline_quick test_synth_asr_nb test_synth_es_st_nb
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import editdistance
+import sacrebleu
+
+BLEU_SHORTLIST = 50  # ST: exact BLEU on the candidates closest to the references by word edit distance
+
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def candidates(train_targets: Sequence[str]) -> List[List[str]]:
+    """Every distinct training target and every word prefix of one, as word lists."""
+    out = set()
+    for t in set(train_targets):
+        words = tuple(t.split())
+        out.update(words[:k] for k in range(1, len(words) + 1))
+    return [list(c) for c in sorted(out)]
+
+
+def _word_errors(cands: List[List[str]], refs: List[List[str]]) -> List[int]:
+    return [sum(editdistance.eval(c, r) for r in refs) for c in cands]
+
+
+def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str) -> Dict:
+    """The candidate with the best corpus WER (``metric="WER"``) or BLEU on ``refs``, and its score."""
+    ref_words = [r.split() for r in refs]
+    n_words = sum(len(r) for r in ref_words)
+    if not n_words:
+        raise ValueError("the references have no words")
+    cands = candidates(train_targets)
+    if not cands:
+        raise ValueError("no training targets to draw a constant hypothesis from")
+    errors = _word_errors(cands, ref_words)
+    if metric == "WER":
+        i = min(range(len(cands)), key=lambda k: (errors[k], cands[k]))
+        return {"hypothesis": " ".join(cands[i]), "score": round(100.0 * errors[i] / n_words, 2)}
+    shortlist = sorted(range(len(cands)), key=lambda k: (errors[k], cands[k]))[:BLEU_SHORTLIST]
+    scored = [(sacrebleu.corpus_bleu([" ".join(cands[k])] * len(refs), [list(refs)]).score, k) for k in shortlist]
+    score, i = max(scored, key=lambda x: (x[0], -x[1]))
+    return {"hypothesis": " ".join(cands[i]), "score": round(score, 2)}
+
+
+def for_test_set(data: Path, subset: str, train_rows: List[Dict[str, str]]) -> Dict:
+    rows = read_rows(data / f"{subset}.tsv")
+    if not rows:
+        raise ValueError(f"{data / subset}.tsv: no rows")
+    lang = rows[0]["tgt_lang"]
+    metric = "WER" if rows[0]["task"] == "asr" else "BLEU"
+    targets = [r["tgt_text"] for r in train_rows if r["tgt_lang"] == lang]
+    if not targets:
+        raise ValueError(f"{data / 'train.tsv'}: no training targets in language {lang!r} (for {subset})")
+    return {"metric": metric, **best_constant(targets, [r["tgt_text"] for r in rows], metric)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("subsets", nargs="+")
+    args = p.parse_args(argv)
+    train = read_rows(args.data / "train.tsv")
+    print(json.dumps({s: for_test_set(args.data, s, train) for s in args.subsets}, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The best constant hypothesis: the floor a model that ignores the audio reaches (examples/demo/constant_baseline.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples/demo"))
+import constant_baseline  # noqa: E402
+
+TRAIN = ["this package contains the library", "this package contains documentation", "press one to accept"]
+
+
+def test_candidates_are_targets_and_their_word_prefixes():
+    cands = {" ".join(c) for c in constant_baseline.candidates(TRAIN + TRAIN)}
+    assert cands == {"this", "this package", "this package contains", "this package contains the",
+                     "this package contains the library", "this package contains documentation", "press",
+                     "press one", "press one to", "press one to accept"}
+
+
+def test_best_constant_wer_is_a_prefix_when_that_is_best():
+    refs = ["this package contains fonts", "this package contains", "press one"]  # 4 + 3 + 2 = 9 words
+    best = constant_baseline.best_constant(TRAIN, refs, "WER")
+    # word errors counted by hand, per reference
+    errors = {"this package contains": 1 + 0 + 3, "this package contains the": 1 + 1 + 4, "this package": 2 + 1 + 2,
+              "this": 3 + 2 + 2, "press one": 4 + 3 + 0, "this package contains documentation": 1 + 1 + 4}
+    assert best == {"hypothesis": "this package contains", "score": round(100 * 4 / 9, 2)}
+    assert all(e > errors["this package contains"] for k, e in errors.items() if k != "this package contains")
+
+
+def test_best_constant_bleu_matches_sacrebleu():
+    refs = ["this package contains the library", "this package contains the library files"]
+    best = constant_baseline.best_constant(TRAIN, refs, "BLEU")
+    assert best["hypothesis"] == "this package contains the library"
+    assert best["score"] == round(sacrebleu.corpus_bleu([best["hypothesis"]] * 2, [refs]).score, 2) > 50
+
+
+def test_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="no words"):
+        constant_baseline.best_constant(TRAIN, ["", " "], "WER")
+    with pytest.raises(ValueError, match="no training targets"):
+        constant_baseline.best_constant([], ["a b"], "WER")
+    header = "id\taudio\tn_frames\ttgt_text\tspeaker\ttask\tsrc_lang\ttgt_lang\tbandwidth\n"
+    (tmp_path / "train.tsv").write_text(header + "u1\ta.wav\t10\thello there\ts\tasr\ten\ten\twb\n")
+    (tmp_path / "test_x_es_st_wb.tsv").write_text(header + "u2\tb.wav\t10\thola\ts\tst\ten\tes\twb\n")
+    train = constant_baseline.read_rows(tmp_path / "train.tsv")
+    with pytest.raises(ValueError, match=r"train\.tsv: no training targets in language 'es'"):
+        constant_baseline.for_test_set(tmp_path, "test_x_es_st_wb", train)
+    (tmp_path / "test_y_asr_wb.tsv").write_text(header + "u3\tc.wav\t10\thello you\ts\tasr\ten\ten\twb\n")
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/constant_baseline.py"), "--data",
+                           str(tmp_path), "test_y_asr_wb"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '"hypothesis": "hello"' in proc.stdout and '"score": 50.0' in proc.stdout

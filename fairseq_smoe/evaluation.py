@@ -28,6 +28,16 @@ def wer_stats(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, int]:
     return {"_wer_errors": errors, "_wer_words": words}
 
 
+def cer_stats(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, int]:
+    """Character errors over the WER-normalised words joined by single spaces (spaces count as characters)."""
+    errors = chars = 0
+    for h, r in zip(hyps, refs):
+        r_text = " ".join(normalize_for_wer(r))
+        errors += editdistance.eval(" ".join(normalize_for_wer(h)), r_text)
+        chars += len(r_text)
+    return {"_cer_errors": errors, "_cer_chars": chars}
+
+
 def bleu_stats(hyps: Sequence[str], refs: Sequence[str]) -> Dict[str, int]:
     import sacrebleu
 

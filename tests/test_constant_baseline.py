@@ -54,3 +54,24 @@ def test_errors_name_what_is_missing(tmp_path):
                            str(tmp_path), "test_y_asr_wb"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert '"hypothesis": "hello"' in proc.stdout and '"score": 50.0' in proc.stdout
+
+
+def test_best_constant_cer_counts_characters_and_spaces():
+    refs = ["press one", "press two"]  # 9 + 9 characters
+    best = constant_baseline.best_constant(TRAIN, refs, "CER")
+    # "press one": 0 + 3 ("one" -> "two": o->t, n->w, e->o); "press": 4 + 4 (" one", " two" deleted)
+    assert best == {"hypothesis": "press one", "score": round(100 * 3 / 18, 2)}
+
+
+def test_cer_stats_and_ctc_greedy_path():
+    from fairseq_smoe.evaluation import cer_stats
+    import torch
+    import ctc_greedy
+
+    assert cer_stats(["Press, one!", ""], ["press one", "ab"]) == {"_cer_errors": 0 + 2, "_cer_chars": 9 + 2}
+    # best path per frame: 2 2 0 3 3 0 0 2 -> collapse repeats -> 2 0 3 0 2 -> drop blank 0 -> 2 3 2; frames past
+    # the length are ignored
+    frames = [2, 2, 0, 3, 3, 0, 0, 2, 3, 3]
+    lp = torch.full((len(frames), 4), -10.0)
+    lp[torch.arange(len(frames)), torch.tensor(frames)] = 0.0
+    assert ctc_greedy.greedy_ids(lp, 8, blank=0) == [2, 3, 2]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fairseq_smoe.evaluation import cer_stats
 from test_offline_corpus import build_fixture, prep_args, read_tsv, run_prep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,14 @@ def test_results_have_every_system_and_test_set(demo):
             assert r["n"] == len(read_tsv(data / f"{subset}.tsv")), (name, subset)
             if "_asr_" in subset:
                 assert r["metric"] == "WER" and r["score"] >= 0 and r["empty_hyp_wer"] == 100.0
+                assert r["cer"] >= 0
+                # the CTC head's greedy output, written per utterance; its CER recomputed from that file
+                ctc_rows = [line.split("\t") for line in (out / sysres["arch"].replace("_xs", "") / "decode" /
+                                                          f"{subset}.ctc.tsv").read_text().splitlines()]
+                assert r["ctc"]["n"] == len(ctc_rows) == r["n"]
+                assert sorted(x[0] for x in ctc_rows) == sorted(t["id"] for t in read_tsv(data / f"{subset}.tsv"))
+                stats = cer_stats([x[2] if len(x) > 2 else "" for x in ctc_rows], [x[1] for x in ctc_rows])
+                assert r["ctc"]["cer"] == round(100.0 * stats["_cer_errors"] / stats["_cer_chars"], 2)
             else:
                 assert r["metric"] == "BLEU" and 0 <= r["score"] <= 100
         # S-MoE adds experts but not active weights; DecFFNx2 is wider everywhere
@@ -84,7 +93,11 @@ def test_markdown_table_rows_and_columns(demo):
     assert (f"| *best constant hypothesis* | | {expected['test_real_asr_nb']['score']:.1f} | "
             f"{expected['test_synth_asr_wb']['score']:.1f} |") in asr
     assert 0 < expected["test_real_asr_nb"]["score"] <= 100 and expected["test_real_es_st_nb"]["metric"] == "BLEU"
-    assert "| system | params total / active (M) | real es NB |" in st
+    assert "| system | params total / active (M) | real es NB |" in st.split("### ASR: CER")[0]
+    cer = md.split("### ASR: CER")[1]
+    rows = [line.split(" | ")[:2] for line in cer.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip("| ") + "/" + r[1] for r in rows[:8]] == [f"{n}/{o}" for n in SYSTEMS for o in ("decoder", "CTC")]
+    assert "| *best constant hypothesis* | | " in cer
     assert md in proc.stdout
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "fairseq_smoe"
+sys.path.insert(0, str(REPO))
+from fairseq_smoe.evaluation import cer_stats  # noqa: E402
 SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE", "s2t_dec_smoe"),
            ("EncDecS-MoE", "s2t_encdec_smoe")]
 TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
@@ -129,7 +131,11 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
     result_file = out_dir / f"{subset}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if task == "asr" and "cer" not in result:  # decoded before CER was reported: score the saved log
+            result["cer"] = log_cer((out_dir / f"{subset}.log").read_text())
+            write_atomic(result_file, json.dumps(result))
+        return result
     scoring = ["--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"] \
         if task == "asr" else ["--scoring", "sacrebleu"]
     cmd = [
@@ -155,9 +161,31 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
     if task == "asr":
         # an empty hypothesis deletes every reference word: 100 % WER whatever the reference
         result["empty_hyp_wer"] = 100.0 if any(r.split() for r in refs) else float("nan")
-    tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, result_file)
+        result["cer"] = log_cer(log)
+    write_atomic(result_file, json.dumps(result))
+    return result
+
+
+def log_cer(log: str) -> float:
+    """Character error rate of a fairseq-generate log's detokenized hypotheses (D-) against its references (T-)."""
+    refs = dict(re.findall(r"^T-(\d+)\t(.*)$", log, re.M))
+    hyps = {k: h for k, _, h in re.findall(r"^D-(\d+)\t([^\t]*)\t(.*)$", log, re.M)}
+    stats = cer_stats([hyps.get(k, "") for k in refs], list(refs.values()))
+    return round(100.0 * stats["_cer_errors"] / max(1, stats["_cer_chars"]), 2)
+
+
+def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
+    """Greedy CTC decoding with the model's CTC head (examples/demo/ctc_greedy.py): what the encoder hears."""
+    result_file = out_dir / f"{subset}.ctc.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "ctc_greedy.py"), "--path", str(ckpt),
+           "--data", str(args.data), "--subset", subset, "--out", str(out_dir / f"{subset}.ctc.tsv")]
+    if args.cpu:
+        cmd.append("--cpu")
+    log = run_logged(cmd, out_dir / f"{subset}.ctc.log", args.threads)
+    result = json.loads(log.strip().splitlines()[-1])
+    write_atomic(result_file, json.dumps(result))
     return result
 
 
@@ -206,7 +234,29 @@ def tables(results: dict, subsets: list) -> str:
         any_sys = next(iter(results["systems"].values()), None)
         if any_sys:
             lines.append("| *utterances* | | " + " | ".join(str(any_sys["tests"][c]["n"]) for c in cols) + " |")
+    lines += cer_table(results, column_order(subsets, "asr"))
     return "\n".join(lines) + "\n"
+
+
+def cer_table(results: dict, cols: list) -> list:
+    """ASR character error rates: each system's decoder output and, when trained, its CTC head's greedy output."""
+    if not cols:
+        return []
+    lines = ["\n### ASR: CER % (characters; decoder = fairseq-generate's output, CTC = the CTC head alone, greedy)\n",
+             "| system | output | " + " | ".join(column_label(c) for c in cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for name, _ in SYSTEMS:
+        tests = results["systems"].get(name, {}).get("tests")
+        if not tests:
+            continue
+        if all("cer" in tests[c] for c in cols):
+            lines.append(f"| {name} | decoder | " + " | ".join(f"{tests[c]['cer']:.1f}" for c in cols) + " |")
+        if all("ctc" in tests[c] for c in cols):
+            lines.append(f"| {name} | CTC | " + " | ".join(f"{tests[c]['ctc']['cer']:.1f}" for c in cols) + " |")
+    lines.append("| *empty hypothesis* | | " + " | ".join("100.0" for _ in cols) + " |")
+    constant = results.get("constant_hypothesis", {})
+    if all("cer" in constant.get(c, {}) for c in cols):
+        lines.append("| *best constant hypothesis* | | " + " | ".join(f"{constant[c]['cer']:.1f}" for c in cols) + " |")
+    return lines
 
 
 def constant_hypotheses(data: Path, subsets: list) -> dict:
@@ -267,8 +317,12 @@ def run_system(args, name: str, arch: str, subsets: list) -> dict:
         ckpt = save_dir / "checkpoint_last.pt"
     tests = {}
     for subset in subsets:
-        tests[subset] = decode(args, ckpt, subset, TEST_RE.match(subset).group(2), save_dir / "decode")
+        task = TEST_RE.match(subset).group(2)
+        tests[subset] = decode(args, ckpt, subset, task, save_dir / "decode")
         logger.info(f"{name} {subset}: {tests[subset]['metric']} {tests[subset]['score']}")
+        if task == "asr" and args.ctc_weight:
+            tests[subset]["ctc"] = ctc_decode(args, ckpt, subset, save_dir / "decode")
+            logger.info(f"{name} {subset}: CTC greedy WER {tests[subset]['ctc']['wer']} CER {tests[subset]['ctc']['cer']}")
     return {
         "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
         "train_seconds": info["train_seconds"], "updates": info.get("updates"),

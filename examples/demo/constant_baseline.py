@@ -40,7 +40,8 @@ def _word_errors(cands: List[List[str]], refs: List[List[str]]) -> List[int]:
 
 
 def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str) -> Dict:
-    """The candidate with the best corpus WER (``metric="WER"``) or BLEU on ``refs``, and its score."""
+    """The candidate with the best corpus WER, CER (``metric="WER"``, ``"CER"``) or BLEU on ``refs``, and its
+    score."""
     ref_words = [r.split() for r in refs]
     n_words = sum(len(r) for r in ref_words)
     if not n_words:
@@ -48,6 +49,13 @@ def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str
     cands = candidates(train_targets)
     if not cands:
         raise ValueError("no training targets to draw a constant hypothesis from")
+    if metric == "CER":  # characters, spaces included, of the space-joined words
+        ref_text = [" ".join(r) for r in ref_words]
+        n_chars = sum(len(r) for r in ref_text)
+        texts = [" ".join(c) for c in cands]
+        char_errors = [sum(editdistance.eval(t, r) for r in ref_text) for t in texts]
+        i = min(range(len(cands)), key=lambda k: (char_errors[k], texts[k]))
+        return {"hypothesis": texts[i], "score": round(100.0 * char_errors[i] / n_chars, 2)}
     errors = _word_errors(cands, ref_words)
     if metric == "WER":
         i = min(range(len(cands)), key=lambda k: (errors[k], cands[k]))
@@ -59,6 +67,7 @@ def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str
 
 
 def for_test_set(data: Path, subset: str, train_rows: List[Dict[str, str]]) -> Dict:
+    """WER (and CER) for an ASR test set, BLEU for an ST one."""
     rows = read_rows(data / f"{subset}.tsv")
     if not rows:
         raise ValueError(f"{data / subset}.tsv: no rows")
@@ -67,7 +76,12 @@ def for_test_set(data: Path, subset: str, train_rows: List[Dict[str, str]]) -> D
     targets = [r["tgt_text"] for r in train_rows if r["tgt_lang"] == lang]
     if not targets:
         raise ValueError(f"{data / 'train.tsv'}: no training targets in language {lang!r} (for {subset})")
-    return {"metric": metric, **best_constant(targets, [r["tgt_text"] for r in rows], metric)}
+    refs = [r["tgt_text"] for r in rows]
+    out = {"metric": metric, **best_constant(targets, refs, metric)}
+    if metric == "WER":
+        cer = best_constant(targets, refs, "CER")
+        out.update(cer=cer["score"], cer_hypothesis=cer["hypothesis"])
+    return out
 
 
 def main(argv=None):

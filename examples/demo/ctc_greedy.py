@@ -1,0 +1,93 @@
+"""Greedy CTC decoding of an ASR test set with a model's auxiliary CTC head: what the *encoder* alone hears.
+
+The attention decoder of a small model trained for minutes learns the output language long before it learns to
+condition on the audio; the CTC head (trained by ``label_smoothed_cross_entropy_asr_ctc``) has no such text prior,
+so its character error rate shows whether the encoder has learned to listen at all.
+
+    python examples/demo/ctc_greedy.py --path exp/demo_quick/s2t_smoe_base/checkpoint_best.pt \\
+        --data data/offline_quick --subset test_real_asr_nb [--out hyps.tsv] [--cpu]
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from fairseq import checkpoint_utils, utils  # noqa: E402
+
+from fairseq_smoe.evaluation import cer_stats, wer_stats  # noqa: E402
+from fairseq_smoe.models.s2t_smoe import ENCODER_OUT_KEY  # noqa: E402
+
+
+def greedy_ids(log_probs: torch.Tensor, length: int, blank: int) -> list:
+    """Best path of one utterance (T x V): repeats collapsed, then blanks removed."""
+    best = log_probs[:length].argmax(dim=-1).tolist()
+    return [k for k, _ in itertools.groupby(best) if k != blank]
+
+
+def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int = 20000) -> dict:
+    utils.import_user_module(Namespace(user_dir=str(REPO / "fairseq_smoe")))
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [path], arg_overrides={"data": data, "config_yaml": "config.yaml"})
+    model = models[0].eval()
+    if getattr(model.encoder, "ctc_proj", None) is None:
+        raise SystemExit(f"{path}: the model has no CTC head (trained with --ctc-weight 0); nothing to decode")
+    use_cuda = torch.cuda.is_available() and not cpu
+    if use_cuda:
+        model.cuda()
+    d = task.tgt_dict
+    bpe = task.build_bpe(Namespace())  # the data config's SentencePiece model
+    blank = d.bos()  # as label_smoothed_cross_entropy_asr_ctc trains it
+    task.load_dataset(subset)
+    dataset = task.dataset(subset)
+    if any(t != "asr" for t in getattr(dataset, "tasks", ["asr"])):
+        raise SystemExit(f"{subset}: not an ASR test set (CTC is trained on transcripts only)")
+    batches = task.get_batch_iterator(dataset, max_tokens=max_tokens, max_positions=(10 ** 6, 10 ** 6),
+                                      ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    rows = []
+    with torch.no_grad():
+        for sample in batches:
+            if use_cuda:
+                sample = utils.move_to_cuda(sample)
+            _, extra = model(**sample["net_input"])
+            encoder_out = extra[ENCODER_OUT_KEY]
+            lprobs = model.encoder.ctc_proj(encoder_out["encoder_out"][0]).float().transpose(0, 1)  # B x T x V
+            lengths = torch.full((lprobs.size(0),), lprobs.size(1), dtype=torch.long)
+            if len(encoder_out.get("encoder_padding_mask", [])) > 0:
+                lengths = lengths - encoder_out["encoder_padding_mask"][0].long().sum(dim=-1).cpu()
+            for b, index in enumerate(sample["id"].tolist()):
+                ids = [i for i in greedy_ids(lprobs[b], int(lengths[b]), blank)
+                       if i >= d.nspecial and not d[i].startswith("<")]  # no guiding tokens
+                hyp = d.string(torch.tensor(ids, dtype=torch.long))
+                hyp = bpe.decode(hyp) if bpe is not None else hyp
+                rows.append((dataset.ids[index], dataset.tgt_texts[index], hyp))
+    rows.sort()
+    hyps, refs = [h for _, _, h in rows], [r for _, r, _ in rows]
+    w, c = wer_stats(hyps, refs), cer_stats(hyps, refs)
+    return {"n": len(rows), "wer": round(100.0 * w["_wer_errors"] / max(1, w["_wer_words"]), 2),
+            "cer": round(100.0 * c["_cer_errors"] / max(1, c["_cer_chars"]), 2), "rows": rows}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--path", required=True, help="checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--subset", required=True, help="an ASR test manifest's name")
+    p.add_argument("--out", type=Path, help="write id, reference and hypothesis per line (TSV)")
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+    result = decode(args.path, args.data, args.subset, cpu=args.cpu)
+    if args.out:
+        args.out.write_text("".join(f"{i}\t{r}\t{h}\n" for i, r, h in result["rows"]), encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -149,3 +149,12 @@ def test_parallel_jobs_train_and_decode_each_system(demo, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--jobs", "0"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--jobs 0: must be at least 1" in proc.stderr
+
+
+def test_ctc_greedy_refuses_an_st_test_set(demo):
+    data, out, _ = demo
+    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/ctc_greedy.py"), "--path",
+                           str(out / "s2t_smoe_base" / "checkpoint_last.pt"), "--data", str(data), "--subset",
+                           "test_real_es_st_nb", "--cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "test_real_es_st_nb: not an ASR test set" in proc.stderr

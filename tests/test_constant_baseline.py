@@ -46,7 +46,7 @@ def test_errors_name_what_is_missing(tmp_path):
     header = "id\taudio\tn_frames\ttgt_text\tspeaker\ttask\tsrc_lang\ttgt_lang\tbandwidth\n"
     (tmp_path / "train.tsv").write_text(header + "u1\ta.wav\t10\thello there\ts\tasr\ten\ten\twb\n")
     (tmp_path / "test_x_es_st_wb.tsv").write_text(header + "u2\tb.wav\t10\thola\ts\tst\ten\tes\twb\n")
-    train = constant_baseline.read_rows(tmp_path / "train.tsv")
+    train = constant_baseline.read_manifest(str(tmp_path / "train.tsv"))
     with pytest.raises(ValueError, match=r"train\.tsv: no training targets in language 'es'"):
         constant_baseline.for_test_set(tmp_path, "test_x_es_st_wb", train)
     (tmp_path / "test_y_asr_wb.tsv").write_text(header + "u3\tc.wav\t10\thello you\ts\tasr\ten\ten\twb\n")

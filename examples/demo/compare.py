@@ -26,8 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "fairseq_smoe"
-sys.path.insert(0, str(REPO))
-from fairseq_smoe.evaluation import cer_stats  # noqa: E402
 SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE", "s2t_dec_smoe"),
            ("EncDecS-MoE", "s2t_encdec_smoe")]
 TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
@@ -168,10 +166,12 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
 
 def log_cer(log: str) -> float:
     """Character error rate of a fairseq-generate log's detokenized hypotheses (D-) against its references (T-)."""
+    from fairseq_smoe.evaluation import cer_stats, wer_from_sums
+
     refs = dict(re.findall(r"^T-(\d+)\t(.*)$", log, re.M))
     hyps = {k: h for k, _, h in re.findall(r"^D-(\d+)\t([^\t]*)\t(.*)$", log, re.M)}
     stats = cer_stats([hyps.get(k, "") for k in refs], list(refs.values()))
-    return round(100.0 * stats["_cer_errors"] / max(1, stats["_cer_chars"]), 2)
+    return wer_from_sums(stats["_cer_errors"], stats["_cer_chars"])
 
 
 def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
@@ -261,10 +261,9 @@ def cer_table(results: dict, cols: list) -> list:
 
 def constant_hypotheses(data: Path, subsets: list) -> dict:
     """Per test set, the best constant hypothesis drawn from the training targets (:mod:`constant_baseline`)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import constant_baseline
+    import constant_baseline  # next to this script
 
-    train = constant_baseline.read_rows(data / "train.tsv")
+    train = constant_baseline.read_manifest(str(data / "train.tsv"))
     return {s: constant_baseline.for_test_set(data, s, train) for s in subsets}
 
 

@@ -10,20 +10,18 @@ the same target language and every word prefix of them.
 """
 
 import argparse
-import csv
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import editdistance
 import sacrebleu
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from fairseq_smoe.dataset import read_manifest  # noqa: E402
+
 BLEU_SHORTLIST = 50  # ST: exact BLEU on the candidates closest to the references by word edit distance
-
-
-def read_rows(path: Path) -> List[Dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def candidates(train_targets: Sequence[str]) -> List[List[str]]:
@@ -35,31 +33,23 @@ def candidates(train_targets: Sequence[str]) -> List[List[str]]:
     return [list(c) for c in sorted(out)]
 
 
-def _word_errors(cands: List[List[str]], refs: List[List[str]]) -> List[int]:
-    return [sum(editdistance.eval(c, r) for r in refs) for c in cands]
-
-
 def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str) -> Dict:
     """The candidate with the best corpus WER, CER (``metric="WER"``, ``"CER"``) or BLEU on ``refs``, and its
     score."""
     ref_words = [r.split() for r in refs]
-    n_words = sum(len(r) for r in ref_words)
-    if not n_words:
+    if not any(ref_words):
         raise ValueError("the references have no words")
     cands = candidates(train_targets)
     if not cands:
         raise ValueError("no training targets to draw a constant hypothesis from")
-    if metric == "CER":  # characters, spaces included, of the space-joined words
-        ref_text = [" ".join(r) for r in ref_words]
-        n_chars = sum(len(r) for r in ref_text)
-        texts = [" ".join(c) for c in cands]
-        char_errors = [sum(editdistance.eval(t, r) for r in ref_text) for t in texts]
-        i = min(range(len(cands)), key=lambda k: (char_errors[k], texts[k]))
-        return {"hypothesis": texts[i], "score": round(100.0 * char_errors[i] / n_chars, 2)}
-    errors = _word_errors(cands, ref_words)
-    if metric == "WER":
+    # CER: characters, spaces included, of the space-joined words; WER (and the BLEU shortlist): words
+    units = (lambda words: " ".join(words)) if metric == "CER" else (lambda words: words)
+    ref_units = [units(r) for r in ref_words]
+    errors = [sum(editdistance.eval(units(c), r) for r in ref_units) for c in cands]
+    if metric in ("WER", "CER"):
         i = min(range(len(cands)), key=lambda k: (errors[k], cands[k]))
-        return {"hypothesis": " ".join(cands[i]), "score": round(100.0 * errors[i] / n_words, 2)}
+        total = sum(len(r) for r in ref_units)
+        return {"hypothesis": " ".join(cands[i]), "score": round(100.0 * errors[i] / total, 2)}
     shortlist = sorted(range(len(cands)), key=lambda k: (errors[k], cands[k]))[:BLEU_SHORTLIST]
     scored = [(sacrebleu.corpus_bleu([" ".join(cands[k])] * len(refs), [list(refs)]).score, k) for k in shortlist]
     score, i = max(scored, key=lambda x: (x[0], -x[1]))
@@ -68,9 +58,7 @@ def best_constant(train_targets: Sequence[str], refs: Sequence[str], metric: str
 
 def for_test_set(data: Path, subset: str, train_rows: List[Dict[str, str]]) -> Dict:
     """WER (and CER) for an ASR test set, BLEU for an ST one."""
-    rows = read_rows(data / f"{subset}.tsv")
-    if not rows:
-        raise ValueError(f"{data / subset}.tsv: no rows")
+    rows = read_manifest(str(data / f"{subset}.tsv"))
     lang = rows[0]["tgt_lang"]
     metric = "WER" if rows[0]["task"] == "asr" else "BLEU"
     targets = [r["tgt_text"] for r in train_rows if r["tgt_lang"] == lang]
@@ -89,7 +77,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("subsets", nargs="+")
     args = p.parse_args(argv)
-    train = read_rows(args.data / "train.tsv")
+    train = read_manifest(str(args.data / "train.tsv"))
     print(json.dumps({s: for_test_set(args.data, s, train) for s in args.subsets}, indent=1, ensure_ascii=False))
 
 

@@ -22,8 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from fairseq import checkpoint_utils, utils  # noqa: E402
 
-from fairseq_smoe.evaluation import cer_stats, wer_stats  # noqa: E402
-from fairseq_smoe.models.s2t_smoe import ENCODER_OUT_KEY  # noqa: E402
+from fairseq_smoe.evaluation import cer_stats, wer_from_sums, wer_stats  # noqa: E402
 
 
 def greedy_ids(log_probs: torch.Tensor, length: int, blank: int) -> list:
@@ -56,8 +55,9 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
         for sample in batches:
             if use_cuda:
                 sample = utils.move_to_cuda(sample)
-            _, extra = model(**sample["net_input"])
-            encoder_out = extra[ENCODER_OUT_KEY]
+            # the encoder alone (with the batch's routes): the decoder's output is not needed
+            net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
+            encoder_out = model.encoder(**net_input)
             lprobs = model.encoder.ctc_proj(encoder_out["encoder_out"][0]).float().transpose(0, 1)  # B x T x V
             lengths = torch.full((lprobs.size(0),), lprobs.size(1), dtype=torch.long)
             if len(encoder_out.get("encoder_padding_mask", [])) > 0:
@@ -71,8 +71,8 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
     rows.sort()
     hyps, refs = [h for _, _, h in rows], [r for _, r, _ in rows]
     w, c = wer_stats(hyps, refs), cer_stats(hyps, refs)
-    return {"n": len(rows), "wer": round(100.0 * w["_wer_errors"] / max(1, w["_wer_words"]), 2),
-            "cer": round(100.0 * c["_cer_errors"] / max(1, c["_cer_chars"]), 2), "rows": rows}
+    return {"n": len(rows), "wer": wer_from_sums(w["_wer_errors"], w["_wer_words"]),
+            "cer": wer_from_sums(c["_cer_errors"], c["_cer_chars"]), "rows": rows}
 
 
 def main(argv=None):

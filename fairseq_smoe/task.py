@@ -7,6 +7,7 @@ What it adds to ``speech_to_text``:
   hypotheses;
 * every batch carries encoder (bandwidth) and decoder (task) route ids in ``net_input``;
 * ``--force-task`` / ``--force-tgt-lang`` decode a test set as another task (e.g. an ASR set as ST);
+* ``--ctc-decode-weight`` decodes ASR rows with joint CTC/attention beam search (:mod:`.joint_ctc_decoding`);
 * validation decodes greedily and logs ``wer`` (ASR rows) and ``bleu`` (ST rows), usable as
   ``--best-checkpoint-metric``.
 """
@@ -26,6 +27,7 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from . import evaluation, model_signature
 from .config import ConfigError, SMoEDataConfig
 from .dataset import SMoEDatasetCreator
+from .joint_ctc_decoding import JointCtcAttentionEnsemble
 from .routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class SpeechToTextSMoETask(SpeechToTextTask):
                             help="skip the greedy decoding that reports WER/BLEU at validation")
         parser.add_argument("--eval-max-len-b", type=int, default=200, metavar="N",
                             help="maximum hypothesis length when decoding at validation")
+        parser.add_argument("--ctc-decode-weight", type=float, default=0.0, metavar="W",
+                            help="joint CTC/attention beam search for ASR rows: score = (1-W) decoder + W CTC "
+                                 "prefix score, with the model's CTC head (0: the decoder alone)")
+        parser.add_argument("--ctc-prebeam", type=int, default=30, metavar="K",
+                            help="with --ctc-decode-weight: CTC-score the K best decoder tokens per hypothesis")
         parser.add_argument("--skip-bad-samples", action="store_true",
                             help="skip manifest rows with problems and audio that cannot be read, count them and "
                                  "log each one, instead of stopping at the first (the default)")
@@ -142,11 +149,17 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         extra["symbols_to_strip_from_output"] = set(extra.get("symbols_to_strip_from_output") or ()) | set(
             self.guiding_token_ids
         )
+        ctc_decode_weight = getattr(self.args, "ctc_decode_weight", 0.0)
+        if ctc_decode_weight and not getattr(args, "score_reference", False):
+            models = JointCtcAttentionEnsemble(models, self.tgt_dict, ctc_decode_weight,
+                                               getattr(self.args, "ctc_prebeam", 30), self.guiding_token_ids)
         return FairseqTask.build_generator(self, models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
                                            **kwargs)
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         prefix = sample["decoder_prefix"].to(sample["net_input"]["src_tokens"].device)
+        if isinstance(getattr(generator, "model", None), JointCtcAttentionEnsemble):
+            generator.model.prefix_len = prefix.size(1)
         with torch.no_grad():
             return generator.generate(models, sample, prefix_tokens=prefix, constraints=constraints)
 

@@ -64,6 +64,11 @@ def test_results_have_every_system_and_test_set(demo):
                 assert sorted(x[0] for x in ctc_rows) == sorted(t["id"] for t in read_tsv(data / f"{subset}.tsv"))
                 stats = cer_stats([x[2] if len(x) > 2 else "" for x in ctc_rows], [x[1] for x in ctc_rows])
                 assert r["ctc"]["cer"] == round(100.0 * stats["_cer_errors"] / stats["_cer_chars"], 2)
+                # and fairseq-generate again with joint CTC/attention beam search, in its own log
+                joint_log = (out / sysres["arch"].replace("_xs", "") / "decode" / f"{subset}.joint.log").read_text()
+                assert "--ctc-decode-weight 0.3" in joint_log.splitlines()[0]
+                assert r["joint"]["ctc_decode_weight"] == 0.3 and r["joint"]["n"] == r["n"]
+                assert f"WER: {r['joint']['score']:.2f}" in joint_log and r["joint"]["cer"] >= 0
             else:
                 assert r["metric"] == "BLEU" and 0 <= r["score"] <= 100
         # S-MoE adds experts but not active weights; DecFFNx2 is wider everywhere
@@ -77,7 +82,10 @@ def test_results_have_every_system_and_test_set(demo):
 def test_markdown_table_rows_and_columns(demo):
     data, out, proc = demo
     md = (out / "results.md").read_text()
-    asr, st = md.split("### ASR")[1].split("### ST")
+    sections = {s.split("\n")[0]: s for s in md.split("### ")[1:]}
+    assert [t.split(" (")[0] for t in sections] == ["ASR: WER %", "ASR: WER % with joint CTC/attention decoding",
+                                                    "ST: BLEU", "ASR: CER %"]
+    asr, joint, st, cer = sections.values()
     header = next(line for line in asr.splitlines() if line.startswith("| system"))
     assert header == "| system | params total / active (M) | real NB | synth WB |"
     rows = [line.split(" | ")[0].strip("| ") for line in asr.splitlines() if line.startswith("| ")][1:]
@@ -93,10 +101,17 @@ def test_markdown_table_rows_and_columns(demo):
     assert (f"| *best constant hypothesis* | | {expected['test_real_asr_nb']['score']:.1f} | "
             f"{expected['test_synth_asr_wb']['score']:.1f} |") in asr
     assert 0 < expected["test_real_asr_nb"]["score"] <= 100 and expected["test_real_es_st_nb"]["metric"] == "BLEU"
-    assert "| system | params total / active (M) | real es NB |" in st.split("### ASR: CER")[0]
-    cer = md.split("### ASR: CER")[1]
+    assert "| system | params total / active (M) | real es NB |" in st
+    results = json.loads((out / "results.json").read_text())
+    rows = [line.split(" | ")[0].strip("| ") for line in joint.splitlines() if line.startswith("| ")][1:]
+    assert rows == SYSTEMS + ["*empty hypothesis*", "*best constant hypothesis*", "*utterances*"]
+    base = results["systems"]["Base"]["tests"]
+    assert (f"| Base | {results['systems']['Base']['params']['total_M']} / "
+            f"{results['systems']['Base']['params']['active_M']} | {base['test_real_asr_nb']['joint']['score']:.1f} | "
+            f"{base['test_synth_asr_wb']['joint']['score']:.1f} |") in joint
     rows = [line.split(" | ")[:2] for line in cer.splitlines() if line.startswith("| ")][1:]
-    assert [r[0].strip("| ") + "/" + r[1] for r in rows[:8]] == [f"{n}/{o}" for n in SYSTEMS for o in ("decoder", "CTC")]
+    assert [r[0].strip("| ") + "/" + r[1] for r in rows[:12]] == \
+        [f"{n}/{o}" for n in SYSTEMS for o in ("decoder", "CTC", "joint")]
     assert "| *best constant hypothesis* | | " in cer
     assert md in proc.stdout
 

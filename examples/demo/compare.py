@@ -37,12 +37,12 @@ logger = logging.getLogger("compare")
 # CTC (README, "Results of the quick mode"). full: a GPU, the _s size, the full offline corpus, one system at a time.
 PRESETS = {
     "quick": dict(size="_xs", max_update=4000, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
-                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5),
+                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5, ctc_decode_weight=0.3),
     "full": dict(size="_s", max_update=40000, max_tokens=40000, lr=2e-3, warmup=4000, validate_every=2000,
-                 beam=5, cpu=False, num_workers=4, jobs=1, ctc_weight=0.3),
+                 beam=5, cpu=False, num_workers=4, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3),
     # CI: a few updates, to check the pipeline (CTC path included), not the models
     "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
-                  cpu=True, num_workers=0, jobs=1, ctc_weight=0.3),
+                  cpu=True, num_workers=0, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3),
 }
 
 
@@ -125,13 +125,16 @@ def train(args, arch: str, save_dir: Path) -> dict:
     return info
 
 
-def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
-    result_file = out_dir / f"{subset}.json"
+def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_weight: float = 0.0) -> dict:
+    """fairseq-generate on one test set; with ``ctc_decode_weight`` joint CTC/attention beam search (files
+    ``<subset>.joint.*``)."""
+    stem = f"{subset}.joint" if ctc_decode_weight else subset
+    result_file = out_dir / f"{stem}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     if result_file.exists():
         result = json.loads(result_file.read_text())
         if task == "asr" and "cer" not in result:  # decoded before CER was reported: score the saved log
-            result["cer"] = log_cer((out_dir / f"{subset}.log").read_text())
+            result["cer"] = log_cer((out_dir / f"{stem}.log").read_text())
             write_atomic(result_file, json.dumps(result))
         return result
     scoring = ["--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"] \
@@ -142,10 +145,12 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path) -> dict:
         "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
         "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring,
     ]
+    if ctc_decode_weight:
+        cmd += ["--ctc-decode-weight", str(ctc_decode_weight)]
     if args.cpu:
         cmd.append("--cpu")
     start = time.time()
-    log = run_logged(cmd, out_dir / f"{subset}.log", args.threads)
+    log = run_logged(cmd, out_dir / f"{stem}.log", args.threads)
     if task == "asr":
         m = re.search(r"WER: ([\d.]+)", log)
         result = {"metric": "WER", "score": float(m.group(1))}
@@ -210,39 +215,50 @@ def column_order(subsets: list, task: str) -> list:
 
 
 def tables(results: dict, subsets: list) -> str:
-    lines = []
-    for title, task in (("ASR: WER % (lower is better)", "asr"), ("ST: BLEU (higher is better)", "st")):
-        cols = column_order(subsets, task)
-        if not cols:
-            continue
-        lines.append(f"\n### {title}\n")
-        lines.append("| system | params total / active (M) | " + " | ".join(column_label(c) for c in cols) + " |")
-        lines.append("|---|---|" + "---:|" * len(cols))
-        for name, _ in SYSTEMS:
-            if name in results["systems"]:
-                sysres = results["systems"][name]
-                p = sysres.get("params", {})
-                params = f"{p['total_M']} / {p['active_M']}" if p else ""
-                lines.append(f"| {name} | {params} | " + " | ".join(f"{sysres['tests'][c]['score']:.1f}" for c in cols)
-                             + " |")
-        floor = "100.0" if task == "asr" else "0.0"
-        lines.append("| *empty hypothesis* | | " + " | ".join(floor for _ in cols) + " |")
-        constant = results.get("constant_hypothesis", {})
-        if constant:
-            lines.append("| *best constant hypothesis* | | " + " | ".join(
-                f"{constant[c]['score']:.1f}" if c in constant else "" for c in cols) + " |")
-        any_sys = next(iter(results["systems"].values()), None)
-        if any_sys:
-            lines.append("| *utterances* | | " + " | ".join(str(any_sys["tests"][c]["n"]) for c in cols) + " |")
-    lines += cer_table(results, column_order(subsets, "asr"))
+    asr, st = column_order(subsets, "asr"), column_order(subsets, "st")
+    lines = score_table(results, asr, "ASR: WER % (lower is better)", "100.0", lambda t: t["score"])
+    w = results.get("ctc_decode_weight")
+    if any("joint" in t for r in results["systems"].values() for t in r["tests"].values()):
+        lines += score_table(results, asr, f"ASR: WER % with joint CTC/attention decoding (CTC weight {w}; lower is "
+                                           f"better)", "100.0", lambda t: t["joint"]["score"] if "joint" in t else None)
+    lines += score_table(results, st, "ST: BLEU (higher is better)", "0.0", lambda t: t["score"])
+    lines += cer_table(results, asr)
     return "\n".join(lines) + "\n"
+
+
+def score_table(results: dict, cols: list, title: str, empty_score: str, pick) -> list:
+    """Rows = systems (``pick`` reads a test result's score, None: not decoded that way), then the floors."""
+    if not cols:
+        return []
+    lines = [f"\n### {title}\n",
+             "| system | params total / active (M) | " + " | ".join(column_label(c) for c in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for name, _ in SYSTEMS:
+        if name in results["systems"]:
+            sysres = results["systems"][name]
+            values = [pick(sysres["tests"][c]) for c in cols]
+            if any(v is None for v in values):
+                continue
+            p = sysres.get("params", {})
+            params = f"{p['total_M']} / {p['active_M']}" if p else ""
+            lines.append(f"| {name} | {params} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    lines.append("| *empty hypothesis* | | " + " | ".join(empty_score for _ in cols) + " |")
+    constant = results.get("constant_hypothesis", {})
+    if constant:
+        lines.append("| *best constant hypothesis* | | " + " | ".join(
+            f"{constant[c]['score']:.1f}" if c in constant else "" for c in cols) + " |")
+    any_sys = next(iter(results["systems"].values()), None)
+    if any_sys:
+        lines.append("| *utterances* | | " + " | ".join(str(any_sys["tests"][c]["n"]) for c in cols) + " |")
+    return lines
 
 
 def cer_table(results: dict, cols: list) -> list:
     """ASR character error rates: each system's decoder output and, when trained, its CTC head's greedy output."""
     if not cols:
         return []
-    lines = ["\n### ASR: CER % (characters; decoder = fairseq-generate's output, CTC = the CTC head alone, greedy)\n",
+    lines = ["\n### ASR: CER % (characters; decoder = fairseq-generate's output, CTC = the CTC head alone, greedy; "
+             "joint = joint CTC/attention beam search)\n",
              "| system | output | " + " | ".join(column_label(c) for c in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for name, _ in SYSTEMS:
         tests = results["systems"].get(name, {}).get("tests")
@@ -252,6 +268,8 @@ def cer_table(results: dict, cols: list) -> list:
             lines.append(f"| {name} | decoder | " + " | ".join(f"{tests[c]['cer']:.1f}" for c in cols) + " |")
         if all("ctc" in tests[c] for c in cols):
             lines.append(f"| {name} | CTC | " + " | ".join(f"{tests[c]['ctc']['cer']:.1f}" for c in cols) + " |")
+        if all("joint" in tests[c] for c in cols):
+            lines.append(f"| {name} | joint | " + " | ".join(f"{tests[c]['joint']['cer']:.1f}" for c in cols) + " |")
     lines.append("| *empty hypothesis* | | " + " | ".join("100.0" for _ in cols) + " |")
     constant = results.get("constant_hypothesis", {})
     if all("cer" in constant.get(c, {}) for c in cols):
@@ -273,13 +291,19 @@ def chart(results: dict, subsets: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
-    for ax, (task, metric) in zip(axes, (("asr", "ASR: WER % (lower is better)"), ("st", "ST: BLEU (higher is better)"))):
+    panels = [("asr", "score", "ASR: WER % (lower is better)")]
+    asr_cols = column_order(subsets, "asr")
+    if asr_cols and all("joint" in r["tests"][c] for r in results["systems"].values() for c in asr_cols):
+        panels.append(("asr", "joint", "ASR: WER %, joint CTC/attention decoding"))
+    panels.append(("st", "score", "ST: BLEU (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8))
+    for ax, (task, key, metric) in zip(axes, panels):
         cols = column_order(subsets, task)
         names = [n for n, _ in SYSTEMS if n in results["systems"]]
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
-            vals = [results["systems"][name]["tests"][c]["score"] for c in cols]
+            tests = results["systems"][name]["tests"]
+            vals = [tests[c][key]["score"] if key != "score" else tests[c]["score"] for c in cols]
             ax.bar([i + k * width for i in range(len(cols))], vals, width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
         ax.set_xticklabels([column_label(c) for c in cols], rotation=20, fontsize=8)
@@ -322,6 +346,10 @@ def run_system(args, name: str, arch: str, subsets: list) -> dict:
         if task == "asr" and args.ctc_weight:
             tests[subset]["ctc"] = ctc_decode(args, ckpt, subset, save_dir / "decode")
             logger.info(f"{name} {subset}: CTC greedy WER {tests[subset]['ctc']['wer']} CER {tests[subset]['ctc']['cer']}")
+            if args.ctc_decode_weight:
+                joint = decode(args, ckpt, subset, task, save_dir / "decode", args.ctc_decode_weight)
+                tests[subset]["joint"] = dict(joint, ctc_decode_weight=args.ctc_decode_weight)
+                logger.info(f"{name} {subset}: joint CTC/attention WER {joint['score']} CER {joint['cer']}")
     return {
         "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
         "train_seconds": info["train_seconds"], "updates": info.get("updates"),
@@ -342,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int)
     p.add_argument("--validate-every", type=int, help="updates between dev decodings (0: only at the end)")
     p.add_argument("--ctc-weight", type=float, help="weight of the auxiliary CTC loss on ASR rows (0: none)")
+    p.add_argument("--ctc-decode-weight", type=float,
+                   help="also decode ASR sets with joint CTC/attention beam search, this CTC weight (0: do not; "
+                        "only for systems trained with the CTC loss)")
     p.add_argument("--beam", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train and decode on the CPU")
@@ -381,7 +412,7 @@ def main(argv=None):
     wanted = set(args.systems.split(","))
     results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
                "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr,
-               "ctc_weight": args.ctc_weight, "device":
+               "ctc_weight": args.ctc_weight, "ctc_decode_weight": args.ctc_decode_weight, "device":
                "cpu" if args.cpu else "gpu", "jobs": args.jobs, "systems": {}}
     start = time.time()
     chosen = [(name, arch) for name, arch in SYSTEMS if arch in wanted]

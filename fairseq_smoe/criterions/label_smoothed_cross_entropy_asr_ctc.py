@@ -8,8 +8,9 @@ ASR row, and the encoder does not know the task, so CTC towards a translation wo
 transcript. The guiding prefix and ``</s>`` are not CTC targets; ``<s>`` (index 0, unused in targets) is the blank,
 as in fairseq's ``ctc`` criterion.
 
-The CTC projection is fairseq's own ``S2TTransformerEncoder.ctc_proj``, built when ``--ctc-weight`` > 0; it is
-used in training only (decoding, exported models and active-parameter counts leave it out).
+The CTC projection is fairseq's own ``S2TTransformerEncoder.ctc_proj``, built when ``--ctc-weight`` > 0. Plain
+decoding, exported models and active-parameter counts leave it out; joint CTC/attention decoding
+(``--ctc-decode-weight``, :mod:`fairseq_smoe.joint_ctc_decoding`) uses it.
 """
 
 import math

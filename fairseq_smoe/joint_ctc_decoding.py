@@ -32,6 +32,8 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         super().__init__(models)
         if not 0 < ctc_weight <= 1:
             raise ValueError(f"--ctc-decode-weight must be in (0, 1], got {ctc_weight}")
+        if prebeam < 1:
+            raise ValueError(f"--ctc-prebeam must be at least 1, got {prebeam}")
         if len(models) != 1:
             raise ValueError(f"--ctc-decode-weight decodes with one model; got an ensemble of {len(models)} "
                              f"(--path a:b): decode them one at a time or set --ctc-decode-weight 0")

@@ -153,6 +153,10 @@ def test_bad_settings_are_clear_errors(task_and_model):
         task.build_generator([build(task, ctc_weight=0.0)], gen_args)
     with pytest.raises(ValueError, match="decodes with one model; got an ensemble of 2"):
         task.build_generator([model, model], gen_args)
+    task.args.ctc_prebeam = 0
+    with pytest.raises(ValueError, match="--ctc-prebeam must be at least 1, got 0"):
+        task.build_generator([model], gen_args)
+    task.args.ctc_prebeam = 30
     task.args.ctc_decode_weight = 1.5
     with pytest.raises(ValueError, match=r"--ctc-decode-weight must be in \(0, 1\], got 1.5"):
         task.build_generator([model], gen_args)

@@ -153,8 +153,10 @@ def test_interrupted_run_leaves_no_half_written_output_and_resumes(mustc_corpus,
     cmd = ["bash", str(REPO / "recipes/mustc/prep.sh"), "--mustc-root", str(root), "--out-dir", str(out), *ARGS[:-2],
            "--workers", "1"]
     with open(tmp_path / "stderr", "w") as err:
+        # SIGINT as at a terminal: a shell starts background jobs with it ignored, and Python keeps it so
         proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+                                stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if (out / "audio").exists() and len(list((out / "audio").rglob("*.wav"))) >= 3:

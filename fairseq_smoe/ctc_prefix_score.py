@@ -40,7 +40,6 @@ class CtcPrefixScorer:
         self.r[:, 1] = torch.cumsum(x[:, :, blank], dim=0)
         self.psi = x.new_zeros(N)
         self.last = torch.full((N,), -1, dtype=torch.long, device=x.device)  # -1: empty prefix
-        self.empty = torch.ones(N, dtype=torch.bool, device=x.device)
         # candidates scored at the last step and their states (None before the first step)
         self.cand: Optional[Tensor] = None
         self.cand_r: Optional[Tensor] = None
@@ -57,7 +56,6 @@ class CtcPrefixScorer:
         self.r = self.r.index_select(2, order)
         self.psi = self.psi.index_select(0, order)
         self.last = self.last.index_select(0, order)
-        self.empty = self.empty.index_select(0, order)
         if self.cand is not None:
             self.cand = self.cand.index_select(0, order)
             self.cand_r = self.cand_r.index_select(2, order)
@@ -80,7 +78,6 @@ class CtcPrefixScorer:
             self.r = torch.where(hit.view(1, 1, -1), new_r, self.r)
             self.psi = torch.where(hit, self.cand_psi[rows, k], self.psi)
             self.last = torch.where(hit, tokens.to(self.last.device), self.last)
-            self.empty = self.empty & ~hit
         self.cand = self.cand_r = self.cand_psi = None
 
     def score(self, cand: Tensor) -> Tensor:
@@ -94,7 +91,7 @@ class CtcPrefixScorer:
         phi = torch.where(cand.eq(self.last.unsqueeze(1)).unsqueeze(0), r[:, 1].unsqueeze(-1), phi)
         new_r = torch.full((T, 2) + tuple(cand.shape), NEG_INF, device=x.device)
         # only the empty prefix can emit its first label at frame 0
-        new_r[0, 0] = torch.where(self.empty.unsqueeze(1), xc[0], torch.full_like(xc[0], NEG_INF))
+        new_r[0, 0] = torch.where(self.last.eq(-1).unsqueeze(1), xc[0], torch.full_like(xc[0], NEG_INF))
         for t in range(1, T):
             new_r[t, 0] = torch.logaddexp(new_r[t - 1, 0], phi[t - 1]) + xc[t]
             new_r[t, 1] = torch.logaddexp(new_r[t - 1, 0], new_r[t - 1, 1]) + xb[t]

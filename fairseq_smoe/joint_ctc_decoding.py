@@ -13,7 +13,7 @@ tokens after the forced prefix are never candidates.
 """
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,6 +25,16 @@ from .ctc_prefix_score import CtcPrefixScorer
 from .routing import TASK_TO_GUIDING_TOKEN, guiding_token
 
 logger = logging.getLogger(__name__)
+
+
+def ctc_log_probs(encoder, encoder_out) -> Tuple[Tensor, Tensor]:
+    """The CTC head's log-probabilities (T x B x V) of an encoder output and each row's number of frames."""
+    x = encoder_out["encoder_out"][0]  # T x B x C
+    log_probs = utils.log_softmax(encoder.ctc_proj(x).float(), dim=-1)
+    lengths = torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
+    if len(encoder_out.get("encoder_padding_mask", [])) > 0:
+        lengths = lengths - encoder_out["encoder_padding_mask"][0].long().sum(dim=-1)
+    return log_probs, lengths
 
 
 class JointCtcAttentionEnsemble(EnsembleModel):
@@ -41,32 +51,22 @@ class JointCtcAttentionEnsemble(EnsembleModel):
             raise ValueError("--ctc-decode-weight needs a model with a CTC head (trained with "
                              "--criterion label_smoothed_cross_entropy_asr_ctc); this one has none")
         self.ctc_weight = ctc_weight
-        self.prebeam = prebeam
         self.blank = tgt_dict.bos()  # as label_smoothed_cross_entropy_asr_ctc trains it
         self.eos = tgt_dict.eos()
         self.transcribe = tgt_dict.index(guiding_token(TASK_TO_GUIDING_TOKEN["asr"]))
         if self.transcribe == tgt_dict.unk():
             raise ValueError(f"{guiding_token(TASK_TO_GUIDING_TOKEN['asr'])} is not in the dictionary")
-        V = len(tgt_dict)
-        guiding = torch.zeros(V, dtype=torch.bool)
-        guiding[sorted(guiding_token_ids)] = True
         # tokens CTC can emit: real output tokens (no specials, no guiding tokens)
-        emittable = torch.ones(V, dtype=torch.bool)
-        emittable[: tgt_dict.nspecial] = False
-        emittable &= ~guiding
-        self.emittable = emittable  # moved to the scores' device at the first step
+        self.emittable = torch.ones(len(tgt_dict), dtype=torch.bool)  # moved to the scores' device at the first step
+        self.emittable[: tgt_dict.nspecial] = False
+        self.emittable[sorted(guiding_token_ids)] = False
+        self.num_candidates = min(prebeam, int(self.emittable.sum()))
         self.scorer: Optional[CtcPrefixScorer] = None
         self.prefix_len = 2  # the guiding prefix beam search forces (the task sets it per batch)
 
     def forward_encoder(self, net_input: Dict[str, Tensor]):
         encoder_outs = super().forward_encoder(net_input)
-        out = encoder_outs[0]
-        x = out["encoder_out"][0]  # T x B x C
-        log_probs = utils.log_softmax(self.single_model.encoder.ctc_proj(x).float(), dim=-1)
-        lengths = torch.full((x.size(1),), x.size(0), dtype=torch.long, device=x.device)
-        if len(out.get("encoder_padding_mask", [])) > 0:
-            lengths = lengths - out["encoder_padding_mask"][0].long().sum(dim=-1)
-        self.scorer = CtcPrefixScorer(log_probs, lengths, self.blank)
+        self.scorer = CtcPrefixScorer(*ctc_log_probs(self.single_model.encoder, encoder_outs[0]), self.blank)
         return encoder_outs
 
     def reorder_encoder_out(self, encoder_outs, new_order):
@@ -88,8 +88,7 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         if self.emittable.device != att.device:
             self.emittable = self.emittable.to(att.device)
         w = self.ctc_weight
-        k = min(self.prebeam, int(self.emittable.sum()))
-        cand = att.masked_fill(~self.emittable, float("-inf")).topk(k, dim=-1).indices  # N x k
+        cand = att.masked_fill(~self.emittable, float("-inf")).topk(self.num_candidates, dim=-1).indices  # N x k
         psi = scorer.score(cand)
         joint = torch.full_like(att, float("-inf"))
         joint.scatter_(1, cand, (1 - w) * att.gather(1, cand) + w * (psi - scorer.psi.unsqueeze(1)))

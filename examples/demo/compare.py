@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "fairseq_smoe"
@@ -214,14 +215,27 @@ def column_order(subsets: list, task: str) -> list:
     return sorted(cols, key=lambda s: (TEST_RE.match(s).group(1) or "", TEST_RE.match(s).group(3)))
 
 
+def plain_score(test: dict) -> float:
+    return test["score"]
+
+
+def joint_score(test: dict) -> Optional[float]:
+    """The joint CTC/attention decoding's WER, None where the set was not decoded that way."""
+    return test["joint"]["score"] if "joint" in test else None
+
+
+def has_joint(results: dict, cols: list) -> bool:
+    return bool(cols) and any(joint_score(r["tests"][c]) is not None for r in results["systems"].values() for c in cols)
+
+
 def tables(results: dict, subsets: list) -> str:
     asr, st = column_order(subsets, "asr"), column_order(subsets, "st")
-    lines = score_table(results, asr, "ASR: WER % (lower is better)", "100.0", lambda t: t["score"])
+    lines = score_table(results, asr, "ASR: WER % (lower is better)", "100.0", plain_score)
     w = results.get("ctc_decode_weight")
-    if any("joint" in t for r in results["systems"].values() for t in r["tests"].values()):
+    if has_joint(results, asr):
         lines += score_table(results, asr, f"ASR: WER % with joint CTC/attention decoding (CTC weight {w}; lower is "
-                                           f"better)", "100.0", lambda t: t["joint"]["score"] if "joint" in t else None)
-    lines += score_table(results, st, "ST: BLEU (higher is better)", "0.0", lambda t: t["score"])
+                                           f"better)", "100.0", joint_score)
+    lines += score_table(results, st, "ST: BLEU (higher is better)", "0.0", plain_score)
     lines += cer_table(results, asr)
     return "\n".join(lines) + "\n"
 
@@ -291,19 +305,18 @@ def chart(results: dict, subsets: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("asr", "score", "ASR: WER % (lower is better)")]
-    asr_cols = column_order(subsets, "asr")
-    if asr_cols and all("joint" in r["tests"][c] for r in results["systems"].values() for c in asr_cols):
-        panels.append(("asr", "joint", "ASR: WER %, joint CTC/attention decoding"))
-    panels.append(("st", "score", "ST: BLEU (higher is better)"))
+    panels = [("asr", plain_score, "ASR: WER % (lower is better)")]
+    if has_joint(results, column_order(subsets, "asr")):
+        panels.append(("asr", joint_score, "ASR: WER %, joint CTC/attention decoding"))
+    panels.append(("st", plain_score, "ST: BLEU (higher is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8))
-    for ax, (task, key, metric) in zip(axes, panels):
+    for ax, (task, pick, metric) in zip(axes, panels):
         cols = column_order(subsets, task)
         names = [n for n, _ in SYSTEMS if n in results["systems"]]
         width = 0.8 / max(1, len(names))
         for k, name in enumerate(names):
-            tests = results["systems"][name]["tests"]
-            vals = [tests[c][key]["score"] if key != "score" else tests[c]["score"] for c in cols]
+            vals = [pick(results["systems"][name]["tests"][c]) for c in cols]
+            vals = [math.nan if v is None else v for v in vals]
             ax.bar([i + k * width for i in range(len(cols))], vals, width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
         ax.set_xticklabels([column_label(c) for c in cols], rotation=20, fontsize=8)

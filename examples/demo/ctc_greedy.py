@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from fairseq import checkpoint_utils, utils  # noqa: E402
 
 from fairseq_smoe.evaluation import cer_stats, wer_from_sums, wer_stats  # noqa: E402
+from fairseq_smoe.joint_ctc_decoding import ctc_log_probs  # noqa: E402
 
 
 def greedy_ids(log_probs: torch.Tensor, length: int, blank: int) -> list:
@@ -57,11 +58,8 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
                 sample = utils.move_to_cuda(sample)
             # the encoder alone (with the batch's routes): the decoder's output is not needed
             net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
-            encoder_out = model.encoder(**net_input)
-            lprobs = model.encoder.ctc_proj(encoder_out["encoder_out"][0]).float().transpose(0, 1)  # B x T x V
-            lengths = torch.full((lprobs.size(0),), lprobs.size(1), dtype=torch.long)
-            if len(encoder_out.get("encoder_padding_mask", [])) > 0:
-                lengths = lengths - encoder_out["encoder_padding_mask"][0].long().sum(dim=-1).cpu()
+            lprobs, lengths = ctc_log_probs(model.encoder, model.encoder(**net_input))
+            lprobs = lprobs.transpose(0, 1)  # B x T x V
             for b, index in enumerate(sample["id"].tolist()):
                 ids = [i for i in greedy_ids(lprobs[b], int(lengths[b]), blank)
                        if i >= d.nspecial and not d[i].startswith("<")]  # no guiding tokens

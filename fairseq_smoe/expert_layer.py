@@ -78,8 +78,29 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes linear maps in on ``x``'s device, or None where autocast is off there.
+
+    Read from the input's device type (``cpu``, ``cuda``, ...), so the same code follows ``--amp`` on a GPU and
+    ``torch.autocast('cpu', ...)`` on the CPU.
+    """
+    device_type = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, spans) -> torch.Tensor:
-    """:class:`GroupedLinear` on ``x`` of shape ``[rows, in]``; ``spans`` are ``(expert, start_row, end_row)``."""
+    """:class:`GroupedLinear` on ``x`` of shape ``[rows, in]``; ``spans`` are ``(expert, start_row, end_row)``.
+
+    ``torch.addmm(..., out=...)`` is not an autocast op (autocast casts only functional calls), so under autocast
+    the input is cast here, as autocast casts ``F.linear``'s: the weights then follow the input's dtype inside
+    :class:`GroupedLinear`, and their gradients go back to the master weights' dtype (fp32) in its backward. The
+    cast of ``x`` is an ordinary autograd op, so ``x``'s gradient comes back in ``x``'s own dtype.
+    """
+    dtype = autocast_dtype(x)
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return GroupedLinear.apply(x, weight, bias, list(spans))
     return GroupedLinear.run(x, weight.to(x.dtype), bias.to(x.dtype), spans)  # inference: no autograd record

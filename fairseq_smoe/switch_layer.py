@@ -60,7 +60,7 @@ class _Dispatch:
         self.shape = shape  # input shape (T x B x C)
         self.order = order  # flat indices of the kept tokens, grouped by expert
         self.counts = counts  # kept tokens per expert
-        self.gate = gate  # router probability of each kept token, in ``order``
+        self.gate = gate  # router probability (fp32) of each kept token, in ``order``
 
 
 class SwitchState:
@@ -142,7 +142,7 @@ class SwitchLinear(ExpertLinear):
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=num_experts + 1).tolist()[:num_experts]
         order = order[: sum(counts)]
-        state.dispatch = _Dispatch(x.shape, order, counts, gate.index_select(0, order).to(x.dtype))
+        state.dispatch = _Dispatch(x.shape, order, counts, gate.index_select(0, order))
         packed = flat.index_select(0, order)
         return self._per_expert(packed, counts)
 
@@ -150,7 +150,10 @@ class SwitchLinear(ExpertLinear):
         dispatch, self.state.dispatch = self.state.dispatch, None
         if dispatch is None:
             raise RuntimeError("switch fc2 ran without its fc1 having routed the tokens")
-        y = self._per_expert(h, dispatch.counts) * dispatch.gate.unsqueeze(1)
+        y = self._per_expert(h, dispatch.counts)
+        # the router's probabilities are fp32 by design; scaled in the experts' dtype, so that under autocast the
+        # gated output stays in the autocast dtype (fp32 * bf16 would promote it back to fp32)
+        y = y * dispatch.gate.to(y.dtype).unsqueeze(1)
         out = y.new_zeros(math.prod(dispatch.shape[:-1]), self.out_features)
         out.index_copy_(0, dispatch.order, y)
         return out.view(*dispatch.shape[:-1], self.out_features)

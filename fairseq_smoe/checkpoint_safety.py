@@ -7,9 +7,11 @@ calls ``torch.load`` without ``weights_only``, so a checkpoint written by ``fair
 
 * ``argparse.Namespace``: ``cfg["model"]`` for a legacy ``--arch``, any other ``cfg`` group whose component has
   no dataclass (e.g. ``cfg["task"]`` of ``speech_to_text``), and the legacy ``args``;
-* numpy arrays (``_reconstruct``, ``ndarray``, ``dtype`` and the ``Int64DType`` that rebuilds an int64 dtype) in
-  ``extra_state["metrics"]``: the validation BLEU n-gram counts/totals, logged as ``np.array`` by our task and by
-  fairseq's ``translation --eval-bleu``.
+* numpy arrays (``_reconstruct``, ``ndarray``, ``dtype`` and the ``Int64DType`` / ``Float64DType`` that rebuild
+  an int64 / float64 dtype) in ``extra_state["metrics"]``: the validation BLEU n-gram counts/totals, logged as
+  ``np.array`` by our task and by fairseq's ``translation --eval-bleu``. Our task logs int64 counts; checkpoints of
+  several processes written before that fix hold float64 ones (the all-reduce returns floats), and so can
+  fairseq's own tasks. A dtype class only names a number format (it is data, not code), so allowing it runs nothing.
 
 Everything else fairseq saves (``OrderedDict`` state dicts, ints/floats/strings, ``cfg`` converted to plain dicts)
 is already allowed by torch. We register exactly these globals instead of passing ``weights_only=False``, so a
@@ -47,6 +49,7 @@ FAIRSEQ_CHECKPOINT_GLOBALS = (
     np.ndarray,
     np.dtype,
     type(np.dtype(np.int64)),  # numpy.dtypes.Int64DType (numpy >= 1.25): the dtype instance that BUILD sets state on
+    type(np.dtype(np.float64)),  # numpy.dtypes.Float64DType: float64 BLEU sums of older multi-process checkpoints
 )
 
 

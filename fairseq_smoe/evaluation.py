@@ -13,6 +13,22 @@ import numpy as np
 
 BLEU_ORDER = 4
 
+WER_KEYS = ("_wer_errors", "_wer_words")
+BLEU_KEYS = ("_bleu_sys_len", "_bleu_ref_len") + tuple(
+    f"_bleu_{kind}_{i}" for i in range(BLEU_ORDER) for kind in ("counts", "totals")
+)
+
+
+def empty_scores() -> Dict[str, int]:
+    """Every WER and BLEU key, at 0, in one fixed order: what a validation batch logs before its own counts.
+
+    fairseq sums logging outputs across processes as ONE flat buffer built from the keys of each rank's first
+    logging output (``Trainer._fast_stat_sync_sum``, also for its zeroed stand-in batches). With homogeneous batches
+    two ranks decode different tasks, so a batch must log the keys of a task it does not hold too (as zeros), or the
+    buffers differ in length and the collective aborts (gloo: ``op.preamble.length <= op.nbytes``) or hangs (NCCL).
+    """
+    return dict.fromkeys(WER_KEYS + BLEU_KEYS, 0)
+
 
 def normalize_for_wer(text: str) -> List[str]:
     text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
@@ -67,5 +83,11 @@ def strip_symbols(tokens, symbols) -> List[int]:
     return [t for t in tokens if t not in symbols]
 
 
-def as_array(values) -> np.ndarray:
-    return np.array(values, dtype=np.float64)
+def as_counts(values) -> np.ndarray:
+    """Summed counts as an int64 array, whatever type they arrive in.
+
+    Summed across processes they come back from fairseq's all-reduce as float64 tensors/floats. Logged as float64
+    numpy arrays they would land in the checkpoint's metrics as ``numpy.dtypes.Float64DType``; counts are integers,
+    and int64 is the dtype that checkpoints of a single process have always held.
+    """
+    return np.array([int(round(float(v))) for v in values], dtype=np.int64)

@@ -26,7 +26,7 @@ from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset, Speec
 
 from . import audio
 from .config import SMoEDataConfig
-from .routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token, lang_tag
+from .routing import TASK_TO_GUIDING_TOKEN, RoutePlan, RoutingTable, guiding_token, lang_tag
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         dec = torch.tensor([s.decoder_route for s in samples], dtype=torch.long).index_select(0, order)
         out["net_input"]["encoder_route_ids"] = enc
         out["net_input"]["decoder_route_ids"] = dec
+        # the same ids on the host, for the model to group its rows without reading ids back from the device
+        out["net_input"]["route_plan"] = RoutePlan(enc.numpy(), dec.numpy())
         out["decoder_prefix"] = torch.stack([s.prefix for s in samples]).index_select(0, order)
         out["tasks"] = [self.tasks[int(i)] for i in out["id"]]
         return out
@@ -223,7 +225,9 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         if not self.smoe_cfg.homogeneous_batches:
             groups = [indices]
         else:
-            keys = self.encoder_routes[indices] * 1000 + self.decoder_routes[indices]
+            # one key per (encoder, decoder) route pair, for any number of decoder routes
+            num_decoder_routes = int(self.decoder_routes.max()) + 1 if len(self.decoder_routes) else 1
+            keys = self.encoder_routes[indices] * num_decoder_routes + self.decoder_routes[indices]
             groups = [indices[keys == key] for key in np.unique(keys)]  # each keeps the length order
         batches = []
         for group in groups:

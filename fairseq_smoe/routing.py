@@ -6,9 +6,11 @@ Encoder experts are keyed by input bandwidth (``wb``, ``nb``); decoder experts b
 one more entry there and one more expert in the model, with no code change.
 """
 
+import functools
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 # The paper sends WB speech to E0 and NB speech to E1.
@@ -120,37 +122,44 @@ class RoutingTable:
 class RouteBatch:
     """Route ids of one batch plus the grouping every expert layer of a stack reuses.
 
-    Computed once per forward pass of an encoder or decoder (not once per layer), from one host copy of the ids:
-    on a GPU that is one device-to-host transfer per batch instead of a sync for every ``unique``/``nonzero``/
-    ``min``/``max``. Either the whole batch takes one route (``single``; the layers then call that expert directly,
-    with no gather or scatter), or ``groups`` lists each used route with its rows, and ``perm`` (rows sorted by
-    route, stable), ``inverse`` and ``spans`` (route, start, end in ``perm``) let a mixed batch's FFN gather its
-    rows once in ``fc1`` and put them back once in ``fc2``.
+    Computed once per forward pass of an encoder or decoder (not once per layer), on the host: from the collater's
+    :class:`RoutePlan` (no device-to-host transfer at all) or, for callers that pass only the id tensor, from one
+    host copy of it. Either the whole batch takes one route (``single``; the layers then call that expert
+    directly, with no gather or scatter), or ``groups`` lists each used route with its rows, and ``perm`` (rows
+    sorted by route, stable), ``inverse`` and ``spans`` (route, start, end in ``perm``) let a mixed batch's FFN
+    gather its rows once in ``fc1`` and put them back once in ``fc2``. ``perm`` and ``inverse`` reach the device
+    by non-blocking host-to-device copies, which queue behind the kernels in flight instead of waiting for them.
     """
 
     __slots__ = ("ids", "single", "groups", "perm", "inverse", "spans")
 
-    def __init__(self, ids: torch.Tensor, host_ids: Optional[torch.Tensor] = None):
+    def __init__(self, ids: torch.Tensor, host_ids: Union[None, torch.Tensor, np.ndarray] = None):
         if ids.dim() != 1:
             raise ValueError(f"route ids must be a 1-D tensor (one per sample), got shape {tuple(ids.shape)}")
         self.ids = ids
-        host = ids.cpu() if host_ids is None else host_ids  # no-op for CPU tensors
-        used = torch.unique(host)
+        if host_ids is None:
+            host = ids.cpu().numpy()  # the one device-to-host copy of the fallback path; no-op for CPU tensors
+        elif isinstance(host_ids, np.ndarray):
+            host = host_ids
+        else:
+            host = host_ids.numpy()  # a CPU tensor
+        host = host.astype(np.int64, copy=False)
+        used = np.unique(host)
         self.perm = self.inverse = None
         self.spans: List[Tuple[int, int, int]] = []
-        if used.numel() == 1:
+        if used.size == 1:
             self.single: Optional[int] = int(used[0])
             self.groups: Optional[List[Tuple[int, torch.Tensor]]] = None
             return
         self.single = None
-        order = torch.argsort(host, stable=True)
-        counts = torch.bincount(host).tolist() if host.numel() else []
+        order = np.argsort(host, kind="stable")
+        counts = np.bincount(host) if host.size else np.zeros(0, dtype=np.int64)
         start = 0
         for r in used.tolist():
-            self.spans.append((r, start, start + counts[r]))
-            start += counts[r]
-        self.perm = order.to(ids.device, non_blocking=True)
-        self.inverse = torch.argsort(order).to(ids.device, non_blocking=True)
+            self.spans.append((r, start, start + int(counts[r])))
+            start += int(counts[r])
+        self.perm = torch.as_tensor(order).to(ids.device, non_blocking=True)
+        self.inverse = torch.as_tensor(np.argsort(order, kind="stable")).to(ids.device, non_blocking=True)
         self.groups = [(r, self.perm[a:b]) for r, a, b in self.spans]
 
     @classmethod
@@ -164,6 +173,54 @@ class RouteBatch:
 
     def used_routes(self) -> List[int]:
         return [self.single] if self.single is not None else [r for r, _ in self.groups]
+
+
+class RoutePlan:
+    """The route ids of one collated batch, on the host: ``net_input["route_plan"]``.
+
+    The collater knows every sample's routes as Python data, so it hands them to the model here, next to the id
+    tensors: the model groups its rows from this copy and never reads route ids back from the device (on a GPU,
+    each such read waits for every kernel queued before it). A plain class on purpose, not a tensor, list, dict,
+    tuple or dataclass: fairseq's ``move_to_cuda``/``apply_to_sample`` and DDP's input moving copy those to the
+    device and leave any other object where it is. Models that get no plan (benchmarks, tests, export) fall back
+    to one host copy of the id tensors.
+    """
+
+    __slots__ = ("encoder", "decoder")
+
+    def __init__(self, encoder_ids, decoder_ids):
+        self.encoder = np.ascontiguousarray(encoder_ids, dtype=np.int64)
+        self.decoder = np.ascontiguousarray(decoder_ids, dtype=np.int64)
+        if self.encoder.ndim != 1 or self.decoder.shape != self.encoder.shape:
+            raise ValueError(
+                f"a route plan needs one encoder and one decoder route per sample, got shapes "
+                f"{self.encoder.shape} and {self.decoder.shape}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.encoder.shape[0])
+
+    def ids(self, where: str) -> np.ndarray:
+        if where not in ("encoder", "decoder"):
+            raise ValueError(f"where must be 'encoder' or 'decoder', got {where!r}")
+        return self.encoder if where == "encoder" else self.decoder
+
+    def single(self, where: str) -> Optional[int]:
+        """The route every row of the batch takes in the encoder/decoder, else None."""
+        ids = self.ids(where)
+        if ids.size == 0 or not (ids == ids[0]).all():
+            return None
+        return int(ids[0])
+
+    def __getstate__(self):  # __slots__ without __dict__: pickled for data-loader workers
+        return self.encoder, self.decoder
+
+    def __setstate__(self, state):
+        self.encoder, self.decoder = state
+
+    def __repr__(self):
+        return f"RoutePlan(encoder={self.encoder.tolist()}, decoder={self.decoder.tolist()})"
 
 
 def single_route_of(ids: torch.Tensor) -> Optional[int]:
@@ -188,8 +245,14 @@ class RouteContext:
         self.current: Optional[RouteBatch] = None
 
     @contextmanager
-    def use(self, route_ids: Optional[torch.Tensor], batch_size: int, single: Optional[int] = None):
-        """Routes for one forward; ``single`` says the caller already knows every row takes that route."""
+    def use(self, route_ids: Optional[torch.Tensor], batch_size: int, single: Optional[int] = None,
+            host_ids: Optional[np.ndarray] = None):
+        """Routes for one forward.
+
+        ``single`` says the caller already knows every row takes that route; ``host_ids`` are the same ids on the
+        host (from the collater's :class:`RoutePlan`). With either, nothing is read back from the device;
+        without both, the ids are copied to the host once.
+        """
         if route_ids is None:
             raise ValueError(
                 f"the {self.where} has {self.num_routes} experts but the batch carries no {self.where} route ids; "
@@ -204,16 +267,29 @@ class RouteContext:
                 raise ValueError(f"{self.where} route id out of range [0, {self.num_routes}): {single}")
             batch = RouteBatch.of_single_route(route_ids, single)
         else:
-            host = route_ids.cpu()
-            if host.numel() and (int(host.min()) < 0 or int(host.max()) >= self.num_routes):
+            if host_ids is None:
+                host = route_ids.cpu().numpy()  # the fallback's one device-to-host copy
+            else:
+                host = np.asarray(host_ids)
+                if host.shape != (batch_size,):
+                    raise ValueError(
+                        f"{self.where} route plan: {host.size} route ids for a batch of {batch_size} samples"
+                    )
+            if host.size and (int(host.min()) < 0 or int(host.max()) >= self.num_routes):
                 raise ValueError(
                     f"{self.where} route id out of range [0, {self.num_routes}): {host.tolist()}"
                 )
             batch = RouteBatch(route_ids, host)
+        with self.bound(batch):
+            yield batch
+
+    @contextmanager
+    def bound(self, batch: "RouteBatch"):
+        """Makes ``batch`` the current routes (restoring the previous ones after), e.g. for a recomputation."""
         previous = self.current
         self.current = batch
         try:
-            yield self.current
+            yield batch
         finally:
             self.current = previous
 
@@ -223,6 +299,35 @@ class RouteContext:
                 f"an S-MoE {self.where} layer ran outside its {self.where}'s forward, so it has no routes"
             )
         return self.current
+
+
+def checkpoint_routed_layer(layer: torch.nn.Module, context: RouteContext, offload_to_cpu: bool = False):
+    """fairseq's ``checkpoint_wrapper`` for a layer whose experts read ``context``.
+
+    Activation checkpointing runs the layer's forward a second time inside ``backward()``, where no
+    encoder/decoder forward has set the routes. Like ``checkpoint_wrapper`` itself, this patches the layer's
+    ``forward`` (no wrapper module, so the state-dict keys stay those of the unwrapped layer): the outer forward
+    passes the routes current at forward time into the checkpointed call as an argument, which the checkpoint
+    keeps with its inputs, and the inner forward binds them again, in the original forward and in the
+    recomputation alike, so both see the same :class:`RouteBatch`.
+    """
+    from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+    layer.forward = functools.partial(_forward_with_routes, layer.forward, context)
+    layer = checkpoint_wrapper(layer, offload_to_cpu=offload_to_cpu)
+    layer.forward = functools.partial(_forward_passing_routes, layer.forward, context)
+    return layer
+
+
+def _forward_passing_routes(checkpointed_forward, context: RouteContext, *args, **kwargs):
+    return checkpointed_forward(*args, smoe_routes=context.get(), **kwargs)
+
+
+def _forward_with_routes(forward, context: RouteContext, *args, smoe_routes: Optional[RouteBatch] = None, **kwargs):
+    if smoe_routes is None:  # called directly (e.g. after fairseq's unwrap_checkpoint): the current routes
+        return forward(*args, **kwargs)
+    with context.bound(smoe_routes):
+        return forward(*args, **kwargs)
 
 
 def route_ids_tensor(values: Iterable[int]) -> torch.Tensor:

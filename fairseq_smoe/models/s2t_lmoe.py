@@ -7,6 +7,7 @@ Route ids in ``net_input`` are accepted and ignored, so it trains and decodes wi
 Train it with ``--criterion label_smoothed_cross_entropy_moe`` so the load-balancing loss is optimised.
 """
 
+import functools
 import logging
 
 from torch import nn
@@ -28,7 +29,12 @@ from ..switch_layer import (
     SwitchTransformerDecoderLayer,
     SwitchTransformerEncoderLayer,
 )
-from .s2t_smoe import _SIZES, base_architecture as smoe_base_architecture, routing_table_from_args
+from .s2t_smoe import (
+    _SIZES,
+    add_checkpoint_activation_args,
+    base_architecture as smoe_base_architecture,
+    routing_table_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,50 @@ AUX_KEY = "moe_router_stats"  # net_output[1][AUX_KEY]: one dict per switch laye
 
 def _switch_state(args, num_experts: int) -> SwitchState:
     return SwitchState(num_experts, args.moe_capacity_factor, args.moe_eval_capacity_factor)
+
+
+def checkpoint_switch_layer(layer: nn.Module, state: SwitchState, offload_to_cpu: bool = False) -> nn.Module:
+    """fairseq's ``checkpoint_wrapper`` for a switch layer, with its router statistics kept differentiable.
+
+    The checkpointed forward runs without autograd and is run again inside ``backward()``: an aux loss recorded
+    by the first run would carry no gradient to the router, and a record made by the recomputation would come
+    too late and twice. So the layer's own records are collected privately, in both runs, and returned as two
+    extra outputs of the checkpointed call (the recomputation's aux loss is what autograd differentiates); the
+    outer forward hands that one record to the model's collector. The patch is on ``forward`` only, as
+    ``checkpoint_wrapper``'s is, so the state-dict keys are those of the unwrapped layer.
+    """
+    layer.forward = functools.partial(_forward_returning_router_stats, layer.forward, state)
+    layer = checkpoint_wrapper(layer, offload_to_cpu=offload_to_cpu)
+    layer.forward = functools.partial(_forward_recording_router_stats, layer.forward, state)
+    return layer
+
+
+def _forward_recording_router_stats(checkpointed_forward, state: SwitchState, *args, **kwargs):
+    collector = state.collector
+    collect = collector is not None and collector.active
+    out = checkpointed_forward(*args, smoe_collect=collect, **kwargs)
+    if not collect:
+        return out
+    *out, aux_loss, dropped = out
+    collector.add({"aux_loss": aux_loss, "dropped": dropped})
+    return tuple(out)
+
+
+def _forward_returning_router_stats(forward, state: SwitchState, *args, smoe_collect: bool = False, **kwargs):
+    collector = state.collector
+    if collector is None:
+        return forward(*args, **kwargs)
+    if not smoe_collect:  # nothing is collected in this run, nor in its recomputation
+        previous, collector.records = collector.records, None
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            collector.records = previous
+    with collector.collect() as records:
+        out = forward(*args, **kwargs)
+    if len(records) != 1:
+        raise RuntimeError(f"a switch decoder layer made {len(records)} router records, expected 1")
+    return (*out, records[0]["aux_loss"], records[0]["dropped"])
 
 
 class S2TLMoEEncoder(S2TTransformerEncoder):
@@ -69,9 +119,9 @@ class S2TLMoEDecoder(TransformerDecoderScriptable):
             return super().build_decoder_layer(args, no_encoder_attn)
         cfg = TransformerConfig.from_namespace(args)
         layer = SwitchTransformerDecoderLayer(cfg, no_encoder_attn, _switch_state(args, self.num_experts))
-        checkpoint = cfg.checkpoint_activations  # wrap exactly as fairseq's build_decoder_layer does
+        checkpoint = cfg.checkpoint_activations  # wrap as fairseq's build_decoder_layer does
         if checkpoint:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+            layer = checkpoint_switch_layer(layer, layer.switch_state, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
@@ -82,6 +132,7 @@ class S2TLMoEModel(S2TTransformerModel):
     @staticmethod
     def add_args(parser):
         S2TTransformerModel.add_args(parser)
+        add_checkpoint_activation_args(parser)
         parser.add_argument("--encoder-lmoe", action="store_true",
                             help="switch-routed FFN experts in every encoder layer")
         parser.add_argument("--decoder-lmoe", action="store_true",

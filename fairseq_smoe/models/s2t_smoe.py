@@ -2,9 +2,14 @@
 
 Everything but the FFNs is fairseq's ``s2t_transformer``: the convolutional subsampler, attention, embeddings and
 the incremental decoder. The encoder FFNs are routed by input bandwidth, the decoder FFNs by the task guiding
-token; both route-id vectors arrive in ``net_input`` from the ``speech_to_text_smoe`` collater. Decoder route ids
-travel inside ``encoder_out`` so that beam search's ``reorder_encoder_out`` keeps them aligned with the
-hypotheses, and incremental decoding (which only sees the last token) still knows each row's task.
+token; both route-id vectors arrive in ``net_input`` from the ``speech_to_text_smoe`` collater, together with the
+same ids on the host (``route_plan``, a :class:`~fairseq_smoe.routing.RoutePlan`), so that no route id is read
+back from the device: a training step of an S-MoE or dense model makes no route-related device-to-host transfer
+(``tests/test_host_transfers.py`` counts them). Decoder route ids travel inside ``encoder_out`` so that beam
+search's ``reorder_encoder_out`` keeps them aligned with the hypotheses, and incremental decoding (which only sees
+the last token) still knows each row's task: a one-route batch keeps a host-side flag through every reordering
+(no copy per step); a mixed batch, whose rows beam search reorders on the device, copies its decoder ids to the
+host once per decoding step.
 """
 
 import logging
@@ -24,10 +29,16 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 )
 from fairseq.models.speech_to_text.s2t_transformer import base_architecture as s2t_base_architecture
 from fairseq.models.transformer import TransformerConfig
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from ..expert_layer import SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
-from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RouteContext, RoutingTable, single_route_of
+from ..routing import (
+    DEFAULT_DECODER_ROUTES,
+    DEFAULT_ENCODER_ROUTES,
+    RouteContext,
+    RoutePlan,
+    RoutingTable,
+    checkpoint_routed_layer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +47,21 @@ DECODER_ROUTE_KEY = "decoder_route_ids"
 # [CPU scalar tensor] when every row of the batch takes one decoder route, else []: any beam-search reordering keeps
 # a one-route batch one-route, so incremental decoding steps need no device-to-host copy of the route ids
 DECODER_SINGLE_ROUTE_KEY = "decoder_single_route"
+# [CPU tensor] the decoder route ids on the host, in the batch's row order, when the collater's plan gave them; a
+# reordering (beam search) drops it, since the new order lives on the device
+DECODER_HOST_ROUTE_KEY = "decoder_route_ids_host"
+ROUTE_PLAN_KEY = "route_plan"  # net_input key of the collater's RoutePlan
 # the decoder output's extra dict holds the encoder output here when the model has a CTC projection
 ENCODER_OUT_KEY = "encoder_out"
+
+
+def add_checkpoint_activation_args(parser):
+    """fairseq's transformer options for activation checkpointing, which ``s2t_transformer`` does not offer."""
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="recompute each decoder layer's activations in backward instead of storing them "
+                             "(less memory, about one more decoder forward per step)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="keep checkpointed activations on the CPU (implies --checkpoint-activations)")
 
 
 def routing_table_from_args(args) -> RoutingTable:
@@ -47,12 +71,27 @@ def routing_table_from_args(args) -> RoutingTable:
     )
 
 
-class S2TSMoEEncoder(S2TTransformerEncoder):
-    """fairseq's S2T encoder whose FFNs are bandwidth experts when ``num_experts > 1``."""
+def _check_plan(plan: Optional[RoutePlan], batch_size: int) -> Optional[RoutePlan]:
+    if plan is None:
+        return None
+    if not isinstance(plan, RoutePlan):
+        raise TypeError(f"{ROUTE_PLAN_KEY} must be a fairseq_smoe.routing.RoutePlan, got {type(plan).__name__}")
+    if plan.batch_size != batch_size:
+        raise ValueError(f"{ROUTE_PLAN_KEY} holds the routes of {plan.batch_size} samples for a batch of {batch_size}")
+    return plan
 
-    def __init__(self, args, num_experts: int):
+
+class S2TSMoEEncoder(S2TTransformerEncoder):
+    """fairseq's S2T encoder whose FFNs are bandwidth experts when ``num_experts > 1``.
+
+    ``decoder_routed`` says whether the decoder has experts: only then does the encoder pass the decoder route
+    ids on in its output (a dense decoder has no use for them, and beam search would reorder them every step).
+    """
+
+    def __init__(self, args, num_experts: int, decoder_routed: bool = True):
         super().__init__(args)
         self.num_experts = num_experts
+        self.decoder_routed = decoder_routed
         self.route_context = RouteContext(num_experts, "encoder")
         if num_experts > 1:
             self.transformer_layers = nn.ModuleList(
@@ -69,21 +108,43 @@ class S2TSMoEEncoder(S2TTransformerEncoder):
         encoder_route_ids: Optional[Tensor] = None,
         decoder_route_ids: Optional[Tensor] = None,
         return_all_hiddens: bool = False,
+        route_plan: Optional[RoutePlan] = None,
     ):
+        """``route_plan`` (from the collater) holds the same route ids on the host; without it (callers that pass
+        only the id tensors) each id tensor a routed layer needs is copied to the host once."""
+        plan = _check_plan(route_plan, src_tokens.size(0))
+        # the decoder's routes are settled on the host before any encoder kernel is queued
+        decoder_routes = self._decoder_routes(decoder_route_ids, plan)
         if self.num_experts > 1:
-            with self.route_context.use(encoder_route_ids, src_tokens.size(0)):
+            host = None if plan is None else plan.encoder
+            with self.route_context.use(encoder_route_ids, src_tokens.size(0), host_ids=host):
                 out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
         else:
             out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
-        out[DECODER_ROUTE_KEY] = [] if decoder_route_ids is None else [decoder_route_ids]
-        single = None if decoder_route_ids is None else single_route_of(decoder_route_ids)
-        out[DECODER_SINGLE_ROUTE_KEY] = [] if single is None else [torch.tensor(single)]
+        out.update(decoder_routes)
         return out
+
+    def _decoder_routes(self, decoder_route_ids: Optional[Tensor], plan: Optional[RoutePlan]):
+        """The decoder's route entries of ``encoder_out``: ids, one-route flag, host copy of the ids."""
+        routes: Dict[str, List[Tensor]] = {DECODER_ROUTE_KEY: [], DECODER_SINGLE_ROUTE_KEY: []}
+        if not self.decoder_routed or decoder_route_ids is None:
+            return routes  # a dense decoder: no route work at all
+        routes[DECODER_ROUTE_KEY] = [decoder_route_ids]
+        if plan is None:  # the ids only: their one host copy, before the encoder's kernels are queued
+            host = decoder_route_ids.cpu().numpy()
+        else:
+            host = plan.decoder
+        single = int(host[0]) if host.size and (host == host[0]).all() else None
+        if single is None:
+            routes[DECODER_HOST_ROUTE_KEY] = [torch.as_tensor(host)]
+        routes[DECODER_SINGLE_ROUTE_KEY] = [] if single is None else [torch.tensor(single)]
+        return routes
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
         new = super().reorder_encoder_out(encoder_out, new_order)
         new[DECODER_ROUTE_KEY] = [x.index_select(0, new_order) for x in encoder_out.get(DECODER_ROUTE_KEY, [])]
         new[DECODER_SINGLE_ROUTE_KEY] = list(encoder_out.get(DECODER_SINGLE_ROUTE_KEY, []))
+        # DECODER_HOST_ROUTE_KEY is left out: the new row order is a device tensor
         return new
 
 
@@ -101,10 +162,11 @@ class S2TSMoEDecoder(TransformerDecoderScriptable):
             return super().build_decoder_layer(args, no_encoder_attn)
         cfg = TransformerConfig.from_namespace(args)
         layer = SMoETransformerDecoderLayer(cfg, no_encoder_attn, self.num_experts, self.route_context)
-        # wrap exactly as fairseq's TransformerDecoderBase.build_decoder_layer does
+        # wrap as fairseq's TransformerDecoderBase.build_decoder_layer does, with the routes re-bound in the
+        # recomputation that activation checkpointing runs inside backward()
         checkpoint = cfg.checkpoint_activations
         if checkpoint:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+            layer = checkpoint_routed_layer(layer, self.route_context, offload_to_cpu=cfg.offload_activations)
         min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
         return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
@@ -122,12 +184,14 @@ class S2TSMoEDecoder(TransformerDecoderScriptable):
                 prev_output_tokens, encoder_out, incremental_state,
                 full_context_alignment, alignment_layer, alignment_heads,
             )
-        routes, single = None, None
+        routes, single, host = None, None, None
         if encoder_out is not None and len(encoder_out.get(DECODER_ROUTE_KEY, [])) > 0:
             routes = encoder_out[DECODER_ROUTE_KEY][0]
             if len(encoder_out.get(DECODER_SINGLE_ROUTE_KEY, [])) > 0:
-                single = int(encoder_out[DECODER_SINGLE_ROUTE_KEY][0])
-        with self.route_context.use(routes, prev_output_tokens.size(0), single=single):
+                single = int(encoder_out[DECODER_SINGLE_ROUTE_KEY][0])  # a CPU tensor: no device sync
+            elif len(encoder_out.get(DECODER_HOST_ROUTE_KEY, [])) > 0:
+                host = encoder_out[DECODER_HOST_ROUTE_KEY][0].numpy()
+        with self.route_context.use(routes, prev_output_tokens.size(0), single=single, host_ids=host):
             return super().extract_features(
                 prev_output_tokens, encoder_out, incremental_state,
                 full_context_alignment, alignment_layer, alignment_heads,
@@ -141,6 +205,7 @@ class S2TSMoEModel(S2TTransformerModel):
     @staticmethod
     def add_args(parser):
         S2TTransformerModel.add_args(parser)
+        add_checkpoint_activation_args(parser)
         parser.add_argument("--encoder-smoe", action="store_true",
                             help="one FFN expert per encoder route (input bandwidth) in every encoder layer")
         parser.add_argument("--decoder-smoe", action="store_true",
@@ -154,7 +219,8 @@ class S2TSMoEModel(S2TTransformerModel):
     @classmethod
     def build_encoder(cls, args):
         table = routing_table_from_args(args)
-        encoder = S2TSMoEEncoder(args, table.num_encoder_routes if args.encoder_smoe else 1)
+        decoder_routed = bool(args.decoder_smoe) and table.num_decoder_routes > 1
+        encoder = S2TSMoEEncoder(args, table.num_encoder_routes if args.encoder_smoe else 1, decoder_routed)
         pretraining_path = getattr(args, "load_pretrained_encoder_from", None)
         if pretraining_path is not None:
             if not Path(pretraining_path).exists():
@@ -185,12 +251,14 @@ class S2TSMoEModel(S2TTransformerModel):
         prev_output_tokens,
         encoder_route_ids: Optional[Tensor] = None,
         decoder_route_ids: Optional[Tensor] = None,
+        route_plan: Optional[RoutePlan] = None,
     ):
         encoder_out = self.encoder(
             src_tokens=src_tokens,
             src_lengths=src_lengths,
             encoder_route_ids=encoder_route_ids,
             decoder_route_ids=decoder_route_ids,
+            route_plan=route_plan,
         )
         decoder_out = self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
         if self.encoder.ctc_proj is not None:  # for the auxiliary CTC loss (label_smoothed_cross_entropy_asr_ctc)
@@ -216,6 +284,9 @@ def base_architecture(args):
     args.decoder_layers = getattr(args, "decoder_layers", 6)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", False)
     args.dropout = getattr(args, "dropout", 0.1)
+    args.offload_activations = getattr(args, "offload_activations", False)
+    # as fairseq's transformer does: offloading is a form of checkpointing
+    args.checkpoint_activations = getattr(args, "checkpoint_activations", False) or args.offload_activations
     s2t_base_architecture(args)
 
 

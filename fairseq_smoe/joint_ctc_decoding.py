@@ -63,15 +63,22 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         self.num_candidates = min(prebeam, int(self.emittable.sum()))
         self.scorer: Optional[CtcPrefixScorer] = None
         self.prefix_len = 2  # the guiding prefix beam search forces (the task sets it per batch)
+        # per hypothesis row: is it an ASR row (guiding token <transcribe>)? Set at the batch's first free step,
+        # reordered with the rows; ``any_asr``: whether the batch has one at all (asked of the device once)
+        self.asr_rows: Optional[Tensor] = None
+        self.any_asr = False
 
     def forward_encoder(self, net_input: Dict[str, Tensor]):
         encoder_outs = super().forward_encoder(net_input)
         self.scorer = CtcPrefixScorer(*ctc_log_probs(self.single_model.encoder, encoder_outs[0]), self.blank)
+        self.asr_rows, self.any_asr = None, False  # a new batch
         return encoder_outs
 
     def reorder_encoder_out(self, encoder_outs, new_order):
         if self.scorer is not None:
             self.scorer.index_select(new_order)
+        if self.asr_rows is not None:  # rows follow their hypotheses (finished sentences leave the batch)
+            self.asr_rows = self.asr_rows.index_select(0, new_order.to(self.asr_rows.device))
         return super().reorder_encoder_out(encoder_outs, new_order)
 
     def forward_decoder(self, tokens, encoder_outs: List[Dict[str, List[Tensor]]],
@@ -81,9 +88,14 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         scorer.advance(tokens[:, -1])
         if tokens.size(1) <= self.prefix_len:
             return lprobs, attn  # the guiding prefix is being forced
-        asr = tokens[:, 1].eq(self.transcribe)
-        if not asr.any():
+        if self.asr_rows is None:
+            # the first step after the forced prefix: every row holds its guiding token now. Read it once per
+            # batch (the only device -> host sync here), not at every step
+            self.asr_rows = tokens[:, 1].eq(self.transcribe)
+            self.any_asr = bool(self.asr_rows.any())
+        if not self.any_asr:
             return lprobs, attn
+        asr = self.asr_rows
         att = lprobs.float()
         if self.emittable.device != att.device:
             self.emittable = self.emittable.to(att.device)

@@ -74,6 +74,32 @@ def test_candidates_not_chosen_and_reordering(frames):
     assert scorer.psi[2].item() == pytest.approx(brute_force(x[:, 0], 5, [3]), abs=1e-4)
 
 
+def held_storages(scorer):
+    """Bytes of each distinct tensor storage the scorer holds, by address."""
+    return {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+            for v in vars(scorer).values() if isinstance(v, torch.Tensor)}
+
+
+def test_the_frames_are_kept_once_per_source_utterance_not_per_hypothesis():
+    """T x B x V once (the caller's tensor, not a copy), however many hypothesis rows there are and however
+    often they are reordered; per row only T x 2 x (K + 1) states."""
+    torch.manual_seed(0)
+    T, B, V, beam, K = 30, 3, 400, 5, 4
+    x = torch.randn(T, B, V).log_softmax(-1)
+    scorer = CtcPrefixScorer(x, torch.tensor([30, 20, 25]), BLANK)
+    scorer.index_select(torch.arange(B).repeat_interleave(beam))
+    N = B * beam
+    for step in range(3):
+        scorer.score(torch.randint(1, V, (N, K)))
+        scorer.advance(scorer.cand[:, 0])
+        scorer.index_select(torch.randperm(N))
+    per_source = T * B * V * 4
+    per_row = T * N * V * 4  # what a copy per hypothesis row would take
+    held = held_storages(scorer)
+    assert per_source <= sum(held.values()) < per_source + per_row // 10
+    assert x.untyped_storage().data_ptr() in held  # the caller's tensor itself
+
+
 @pytest.fixture()
 def task_and_model(tmp_path):
     task = make_task(write_corpus(tmp_path, ROWS))
@@ -160,3 +186,37 @@ def test_bad_settings_are_clear_errors(task_and_model):
     task.args.ctc_decode_weight = 1.5
     with pytest.raises(ValueError, match=r"--ctc-decode-weight must be in \(0, 1\], got 1.5"):
         task.build_generator([model], gen_args)
+
+
+def test_the_asr_mask_follows_the_rows_when_sentences_leave_the_beam(task_and_model):
+    """A batch mixing ST and ASR rows: the ASR rows finish first and leave the batch, and the ST row behind them
+    moves up into their places. The per-row ASR mask (read once per batch) must move with it: the ST rows keep the
+    decoder's own scores, the ASR rows get the joint score."""
+    task, model = task_and_model
+    ds = task.datasets["train"]
+    with torch.no_grad():
+        model.encoder.ctc_proj.bias[task.tgt_dict.bos()] += 4.0
+    sample = batch_of(ds, list(range(len(ds))))
+    assert sample["tasks"] == ["st", "asr", "asr", "asr", "st"]  # sorted by length: the shortest, ST, is last
+    gen_args = Namespace(beam=3, max_len_a=0, max_len_b=12, min_len=1)
+    plain = task.inference_step(task.build_generator([model], gen_args), [model], sample)
+    task.args.ctc_decode_weight = 0.5
+    generator = task.build_generator([model], gen_args)
+    rows, reorder = [], generator.model.reorder_encoder_out
+
+    def record(encoder_outs, new_order):
+        rows.append(new_order.numel())
+        return reorder(encoder_outs, new_order)
+
+    generator.model.reorder_encoder_out = record
+    joint = task.inference_step(generator, [model], sample)
+    assert rows[0] == 5 * 3 and min(rows) < rows[0]  # sentences left the batch before the last step
+    for row, (task_name, a, b) in enumerate(zip(sample["tasks"], plain, joint)):
+        if task_name == "st":
+            assert [h["tokens"].tolist() for h in a] == [h["tokens"].tolist() for h in b], f"row {row}"
+            assert [h["score"].item() for h in a] == pytest.approx([h["score"].item() for h in b], abs=1e-5)
+            continue
+        for hypo in b:
+            att, ctc = hypothesis_scores(task, model, sample, row, hypo)
+            pos = hypo["positional_scores"]
+            assert pos[2:].sum().item() == pytest.approx(0.5 * att[2:].sum().item() + 0.5 * ctc, abs=2e-3)

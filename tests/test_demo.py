@@ -173,3 +173,92 @@ def test_ctc_greedy_refuses_an_st_test_set(demo):
                            "test_real_es_st_nb", "--cpu"], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "test_real_es_st_nb: not an ASR test set" in proc.stderr
+
+
+# --- GPU defaults of the full preset and the time projection (no training: compare.py's functions directly) ---
+
+def compare_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_demo", REPO / "examples/demo/compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_line(updates: int, wall: int) -> str:
+    return (f"2026-12-01 07:09:04 | INFO | train_inner | epoch 001:     {updates} / 900 loss=8.192, nll_loss=8.175, "
+            f"ctc_loss=None, ppl=288.97, wps=0, ups=0, wpb=216, bsz=16, num_updates={updates}, lr=0.0005, "
+            f"gnorm=2.304, clip=0, loss_scale=128, train_wall={wall - 2}, wall={wall}")
+
+
+def test_full_preset_trains_and_decodes_in_mixed_precision_with_enough_workers(monkeypatch, tmp_path):
+    c = compare_module()
+    data, out = tmp_path / "data", tmp_path / "exp"
+    assert c.resolve_precision("auto", cpu=False, bf16_supported=lambda: True) == "bf16"
+    assert c.resolve_precision("auto", cpu=False, bf16_supported=lambda: False) == "fp16"
+    assert c.resolve_precision("auto", cpu=True, bf16_supported=lambda: True) == "fp32"
+    assert c.resolve_precision("fp32", cpu=False) == "fp32"
+    for cores, workers in ((2, 2), (16, 8), (None, 1)):
+        monkeypatch.setattr(c.os, "cpu_count", lambda: cores)
+        assert c.resolve_num_workers("auto") == workers
+    monkeypatch.setattr(c.os, "cpu_count", lambda: 16)
+    real = c.resolve_precision
+    for bf16, flags in ((True, ["--amp", "--amp-dtype", "bfloat16"]), (False, ["--fp16"])):
+        # as on a GPU with (without) bf16
+        monkeypatch.setattr(c, "resolve_precision", lambda p, cpu, _bf16=bf16: real(p, cpu, lambda: _bf16))
+        args = c.parse_args(["--data", str(data), "--out", str(out), "--preset", "full"])
+        cmd = " ".join(c.train_cmd(args, "s2t_encdec_smoe", out / "x"))
+        assert "--num-workers 8" in cmd and " ".join(flags) in cmd and "--cpu" not in cmd
+        assert args.precision == ("bf16" if bf16 else "fp16")
+    # the CPU presets are unchanged: fp32, no workers
+    for preset in ("quick", "smoke"):
+        args = c.parse_args(["--data", str(data), "--out", str(out), "--preset", preset])
+        cmd = c.train_cmd(args, "s2t_encdec_smoe", out / "x")
+        assert args.precision == "fp32" and "--amp" not in cmd and "--fp16" not in cmd
+        assert cmd[cmd.index("--num-workers") + 1] == "0" and cmd[-1] == "--cpu"
+    # explicit choices win; fp16 on the CPU is refused by name
+    args = c.parse_args(["--data", str(data), "--out", str(out), "--preset", "full", "--precision", "fp32",
+                         "--num-workers", "3"])
+    assert args.precision == "fp32" and args.num_workers == 3
+    with pytest.raises(SystemExit, match="--precision fp16 needs a GPU"):
+        c.parse_args(["--data", str(data), "--out", str(out), "--preset", "quick", "--precision", "fp16"])
+
+
+def test_time_projection_from_the_training_log():
+    c = compare_module()
+    assert c.project_train_time("", 1000) is None
+    assert c.project_train_time(train_line(25, 40), 1000) is None  # one interval: no rate yet
+    # start-up (40 s before update 25) is not in the rate: 0.2 s/update from update 25 to 125
+    log = "\n".join([train_line(25, 40), "some other line", train_line(75, 50), train_line(125, 60)])
+    p = c.project_train_time(log, 1000)
+    assert p == {"status": "projection", "max_update": 1000, "updates_done": 125, "measured_over_updates": [25, 125],
+                 "seconds_per_update": 0.2, "projected_seconds": 60 + 875 * 0.2}
+
+
+def test_running_training_logs_and_records_its_projection_then_the_measured_time(tmp_path, caplog):
+    c = compare_module()
+    progress = c.Progress(tmp_path, ["a", "b"], 1000)
+    seen = []
+    script = "; ".join(["import time", f"print({train_line(25, 40)!r}, flush=True)", "time.sleep(0.6)",
+                        f"print({train_line(125, 60)!r}, flush=True)", "time.sleep(0.9)"])
+
+    def on_progress(text):
+        p = c.project_train_time(text, 1000)
+        if p:
+            seen.append(p)
+            progress.update("a", p)
+
+    with caplog.at_level("INFO", logger="compare"):
+        log = c.run_logged([sys.executable, "-c", script], tmp_path / "train.log", on_progress=on_progress, poll=0.2)
+    assert "num_updates=125" in log and seen and seen[-1]["projected_seconds"] == 235.0
+    doc = json.loads((tmp_path / "progress.json").read_text())
+    # b has not started: it counts as long as a
+    assert doc["status"] == "projection" and doc["train_seconds_all_systems"] == 470.0
+    assert doc["systems"]["a"]["status"] == "projection"
+    assert "a: projected time for 1000 updates: 3.9 min (projection: 0.2 s/update measured over updates 25-125)" \
+        in caplog.text
+    progress.update("a", {"status": "measured", "seconds": 250.0})
+    progress.update("b", {"status": "measured", "seconds": 230.0})
+    doc = json.loads((tmp_path / "progress.json").read_text())
+    assert doc["status"] == "measured" and doc["train_seconds_all_systems"] == 480.0

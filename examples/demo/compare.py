@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,24 +36,114 @@ logger = logging.getLogger("compare")
 # Settings per machine. quick: 2 CPU cores; two systems train at once, one thread each (an _xs model runs about
 # as fast on one thread as on two, so this doubles the updates the half hour allows); many small updates (about
 # 7 utterances each) and the auxiliary CTC loss on ASR rows, which measured better than fewer larger updates or no
-# CTC (README, "Results of the quick mode"). full: a GPU, the _s size, the full offline corpus, one system at a time.
+# CTC (README, "Results of the quick mode"). full: a GPU, the _s size, the full offline corpus, one system at a time,
+# in mixed precision ("auto": bf16 autocast where the GPU has bf16, else fp16) with enough data-loader workers
+# ("auto": min(8, CPU cores)): on-the-fly fbank gives about 300 utterances/s per worker, and an _s update on an
+# H100-class GPU takes about 0.1-0.2 s for about 120 utterances, so 4 workers or fewer would starve it.
 PRESETS = {
     "quick": dict(size="_xs", max_update=4000, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
-                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5, ctc_decode_weight=0.3),
+                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5, ctc_decode_weight=0.3, precision="fp32"),
     "full": dict(size="_s", max_update=40000, max_tokens=40000, lr=2e-3, warmup=4000, validate_every=2000,
-                 beam=5, cpu=False, num_workers=4, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3),
+                 beam=5, cpu=False, num_workers="auto", jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3,
+                 precision="auto"),
     # CI: a few updates, to check the pipeline (CTC path included), not the models
     "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
-                  cpu=True, num_workers=0, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3),
+                  cpu=True, num_workers=0, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3, precision="fp32"),
 }
+# fairseq flags of each --precision. fairseq's own --bf16 means TPU: bf16 on a GPU is the task's --amp-dtype
+# bfloat16 with fairseq's --amp (autocast, fp32 master weights)
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "amp": ["--amp"], "bf16": ["--amp", "--amp-dtype", "bfloat16"]}
+MAX_AUTO_WORKERS = 8
+PROGRESS_POLL_SECONDS = 30.0  # how often a running training's log is read for the time projection
 
 
 def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_logged(cmd, log_path: Path, threads: int = 0) -> str:
-    """Run ``cmd`` with its output in ``log_path`` (``threads``: the torch/OpenMP threads it may use, 0 = inherit)."""
+def resolve_precision(precision: str, cpu: bool, bf16_supported=None) -> str:
+    """``auto``: fp32 on the CPU; on a GPU bf16 where it has bf16 (Ampere and later), else fp16.
+
+    ``bf16_supported``: a callable, by default ``torch.cuda.is_bf16_supported`` (torch is imported only then)."""
+    if precision != "auto":
+        return precision
+    if cpu:
+        return "fp32"
+    if bf16_supported is None:
+        import torch
+
+        def bf16_supported():
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if bf16_supported() else "fp16"
+
+
+def resolve_num_workers(num_workers) -> int:
+    """``auto``: min(8, CPU cores) data-loader workers."""
+    if num_workers == "auto":
+        return min(MAX_AUTO_WORKERS, os.cpu_count() or 1)
+    return int(num_workers)
+
+
+def project_train_time(log: str, max_update: int) -> Optional[dict]:
+    """The training time of ``max_update`` updates projected from a running fairseq-train log.
+
+    The time per update is measured between the first and the last ``train_inner`` line (fairseq's ``wall=``: seconds
+    since the trainer started, validations included), so start-up and the first interval's warm-up do not count in
+    it; the projection is the wall time so far plus the remaining updates at that rate. None until two log intervals
+    were written."""
+    points = [(int(u), float(w)) for u, w in
+              re.findall(r"train_inner \|.*?\bnum_updates=(\d+),.*?\bwall=([\d.]+)", log)]
+    if len(points) < 2:
+        return None
+    (u0, w0), (u1, w1) = points[0], points[-1]
+    if u1 <= u0 or w1 <= w0:
+        return None
+    per_update = (w1 - w0) / (u1 - u0)
+    return {"status": "projection", "max_update": max_update, "updates_done": u1,
+            "measured_over_updates": [u0, u1], "seconds_per_update": round(per_update, 4),
+            "projected_seconds": round(w1 + max(0, max_update - u1) * per_update, 1)}
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """``--out/progress.json`` while systems train: each system's time projection (until it is measured whole) and
+    the whole run's, labelled ``projection``; results.json then holds the measured times."""
+
+    def __init__(self, out: Path, arches: list, max_update: int):
+        self.path = out / "progress.json"
+        self.arches = arches
+        self.max_update = max_update
+        self.systems = {}
+        self.lock = threading.Lock()
+
+    def update(self, arch: str, entry: dict) -> None:
+        with self.lock:
+            self.systems[arch] = entry
+            known = [e["seconds"] if e["status"] == "measured" else e["projected_seconds"]
+                     for e in self.systems.values()]
+            # systems not started yet: as long as the others (same size, same number of updates)
+            total = sum(known) + (len(self.arches) - len(known)) * (sum(known) / len(known))
+            measured = all(e["status"] == "measured" for e in self.systems.values()) and \
+                len(self.systems) == len(self.arches)
+            doc = {"status": "measured" if measured else "projection", "max_update": self.max_update,
+                   "train_seconds_all_systems": round(total, 1), "systems": self.systems,
+                   "note": "training only (no decoding); a projection is the wall time so far plus the remaining "
+                           "updates at the time per update measured so far"}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(doc, indent=2) + "\n")
+        if entry["status"] == "projection":
+            logger.info(f"{arch}: projected time for {entry['max_update']} updates: {hours(entry['projected_seconds'])} "
+                        f"(projection: {entry['seconds_per_update']} s/update measured over updates "
+                        f"{entry['measured_over_updates'][0]}-{entry['measured_over_updates'][1]}); all "
+                        f"{len(self.arches)} systems: {hours(total)} ({'measured' if measured else 'projection'})")
+
+
+def run_logged(cmd, log_path: Path, threads: int = 0, on_progress=None, poll: float = PROGRESS_POLL_SECONDS) -> str:
+    """Run ``cmd`` with its output in ``log_path`` (``threads``: the torch/OpenMP threads it may use, 0 = inherit;
+    ``on_progress(text)``: called with the log so far every ``poll`` seconds while it runs)."""
     logger.info(f"{Path(cmd[0]).name} ... (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
@@ -61,7 +152,18 @@ def run_logged(cmd, log_path: Path, threads: int = 0) -> str:
     with open(tmp, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll if on_progress else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    on_progress(tmp.read_text())
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     text = tmp.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}), see {tmp}:\n{text[-3000:]}")
@@ -92,15 +194,18 @@ def train_cmd(args, arch: str, save_dir: Path) -> list:
         "--validate-interval", "1000000", "--save-interval", "1000000",
         "--validate-interval-updates", str(every), "--save-interval-updates", str(every),
         "--keep-interval-updates", "1", "--no-epoch-checkpoints", "--best-checkpoint-metric", "wer",
-        "--log-format", "simple", "--log-interval", "25", *args.train_extra,
+        "--log-format", "simple", "--log-interval", "25", *PRECISION_FLAGS[args.precision], *args.train_extra,
     ]
     if args.cpu:
         cmd.append("--cpu")
     return cmd
 
 
-def train(args, arch: str, save_dir: Path) -> dict:
-    """Train one system (skipped when its DONE file says it was trained with the same command)."""
+def train(args, arch: str, save_dir: Path, progress: Optional[Progress] = None) -> dict:
+    """Train one system (skipped when its DONE file says it was trained with the same command).
+
+    While it trains, its log is read for the time projection (:func:`project_train_time`), logged and kept in
+    ``progress``; once done, its measured time replaces the projection."""
     cmd = train_cmd(args, arch, save_dir)
     done = save_dir / "DONE"
     if done.exists():
@@ -109,10 +214,21 @@ def train(args, arch: str, save_dir: Path) -> dict:
             raise SystemExit(f"{save_dir} holds a system trained with other settings:\n  {' '.join(info.get('cmd', []))}"
                              f"\nnow:\n  {' '.join(cmd[1:])}\nuse another --out or delete {save_dir}")
         logger.info(f"{arch}: trained already ({save_dir})")
+        if progress:
+            progress.update(arch, {"status": "measured", "seconds": info["train_seconds"]})
         return info
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    log = run_logged(cmd, save_dir / "train.log", args.threads)
+    last = {}
+
+    def on_progress(text):
+        projection = project_train_time(text, args.max_update)
+        if projection and projection["updates_done"] != last.get("updates_done"):
+            last.update(projection)
+            if progress:
+                progress.update(arch, projection)
+
+    log = run_logged(cmd, save_dir / "train.log", args.threads, on_progress=on_progress)
     # per-interval losses, or (when training is shorter than one log interval) the epoch summaries'
     losses = [float(x) for x in re.findall(r"train_inner \| .*? loss=([\d.]+)", log)] or \
         [float(x) for x in re.findall(r"\| train \| epoch \d+ \| loss ([\d.]+)", log)]
@@ -120,6 +236,11 @@ def train(args, arch: str, save_dir: Path) -> dict:
     info = {"cmd": cmd[1:], "train_seconds": round(time.time() - start, 1),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "updates": max(updates) if updates else None}
+    projection = project_train_time(log, args.max_update)
+    if projection:  # what the time per update projected, kept next to the measured time
+        info["time_projection"] = projection
+    if progress:
+        progress.update(arch, {"status": "measured", "seconds": info["train_seconds"]})
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, done)
@@ -144,7 +265,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
         bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
         "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
-        "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring,
+        "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring, *PRECISION_FLAGS[args.precision],
     ]
     if ctc_decode_weight:
         cmd += ["--ctc-decode-weight", str(ctc_decode_weight)]
@@ -344,10 +465,10 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_system(args, name: str, arch: str, subsets: list) -> dict:
+def run_system(args, name: str, arch: str, subsets: list, progress: Optional[Progress] = None) -> dict:
     """Train one system and decode every test set with it."""
     save_dir = args.out / arch
-    info = train(args, arch, save_dir)
+    info = train(args, arch, save_dir, progress)
     ckpt = save_dir / "checkpoint_best.pt"
     if not ckpt.exists():
         ckpt = save_dir / "checkpoint_last.pt"
@@ -366,6 +487,7 @@ def run_system(args, name: str, arch: str, subsets: list) -> dict:
     return {
         "arch": arch + args.size, "params": parameter_counts(arch + args.size, args.data),
         "train_seconds": info["train_seconds"], "updates": info.get("updates"),
+        **({"train_time_projection": info["time_projection"]} if "time_projection" in info else {}),
         "first_loss": info.get("first_loss"), "last_loss": info.get("last_loss"),
         "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1), "tests": tests,
     }
@@ -387,7 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode ASR sets with joint CTC/attention beam search, this CTC weight (0: do not; "
                         "only for systems trained with the CTC loss)")
     p.add_argument("--beam", type=int)
-    p.add_argument("--num-workers", type=int)
+    p.add_argument("--num-workers", type=int, help="data-loader workers (full preset: min(8, CPU cores))")
+    p.add_argument("--precision", choices=["auto", *PRECISION_FLAGS],
+                   help="train and decode in this precision (auto: bf16 autocast on a GPU with bf16, else fp16; "
+                        "fp32 on the CPU); full preset: auto, quick and smoke: fp32")
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train and decode on the CPU")
     p.add_argument("--jobs", type=int, help="systems trained and decoded at the same time; on the CPU each gets "
                                             "1/jobs of the cores")
@@ -404,6 +529,11 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    args.num_workers = resolve_num_workers(args.num_workers)
+    args.precision = resolve_precision(args.precision, args.cpu)
+    if args.cpu and args.precision == "fp16":
+        raise SystemExit("--precision fp16 needs a GPU (fairseq's FP16 optimizer keeps its master copy on CUDA); "
+                         "use --precision bf16 or fp32 with --cpu")
     # CPU jobs side by side share the cores instead of each spinning threads on all of them
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.cpu and args.jobs > 1 else 0
     known = {a for _, a in SYSTEMS}
@@ -426,11 +556,13 @@ def main(argv=None):
     results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
                "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr,
                "ctc_weight": args.ctc_weight, "ctc_decode_weight": args.ctc_decode_weight, "device":
-               "cpu" if args.cpu else "gpu", "jobs": args.jobs, "systems": {}}
+               "cpu" if args.cpu else "gpu", "precision": args.precision, "num_workers": args.num_workers,
+               "jobs": args.jobs, "systems": {}}
     start = time.time()
     chosen = [(name, arch) for name, arch in SYSTEMS if arch in wanted]
+    progress = Progress(args.out, [arch for _, arch in chosen], args.max_update)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_system, args, name, arch, subsets) for name, arch in chosen]
+        futures = [pool.submit(run_system, args, name, arch, subsets, progress) for name, arch in chosen]
         try:
             for (name, _), future in zip(chosen, futures):
                 results["systems"][name] = future.result()
@@ -439,6 +571,11 @@ def main(argv=None):
                 future.cancel()
             raise
     results["seconds_this_run"] = round(time.time() - start, 1)
+    # measured whole now: every system's training time, next to what was projected while it ran
+    results["train_time"] = {"status": "measured", "train_seconds_all_systems": round(
+        sum(r["train_seconds"] for r in results["systems"].values()), 1), "projected_seconds_all_systems": round(
+        sum(r["train_time_projection"]["projected_seconds"] for r in results["systems"].values()), 1)
+        if all("train_time_projection" in r for r in results["systems"].values()) else None}
     results["constant_hypothesis"] = constant_hypotheses(args.data, subsets)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -128,6 +128,36 @@ def test_batches_are_homogeneous_by_default_and_mixed_on_request(tmp_path):
     assert any(len({ds.route_pair(int(i)) for i in b}) > 1 for b in batches)
 
 
+def test_homogeneous_batches_keep_route_pairs_apart_for_any_number_of_decoder_routes(tmp_path):
+    """The batching key once was encoder * 1000 + decoder: with 1000+ decoder routes, pairs collided."""
+    rows = [(f"u{i}", 0.3 + 0.05 * i, [8000, 16000][i % 2], ["asr", "st"][(i // 2) % 2],
+             ["en", "es"][(i // 2) % 2], TEXT[["en", "es"][(i // 2) % 2]][i % 4]) for i in range(16)]
+    write_corpus(tmp_path, rows)
+    task = make_task(tmp_path)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    ds.decoder_routes = ds.decoder_routes * 1000  # decoder routes 0 and 1000 of a 1001-route table
+    pairs = {ds.route_pair(i) for i in range(len(ds))}
+    assert (1, 0) in pairs and (0, 1000) in pairs  # 1 * 1000 + 0 == 0 * 1000 + 1000
+    batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
+    assert sorted(int(i) for b in batches for i in b) == list(range(16))
+    for b in batches:
+        assert len({ds.route_pair(int(i)) for i in b}) == 1, [ds.route_pair(int(i)) for i in b]
+
+
+def test_collater_hands_the_routes_to_the_model_on_the_host_too(corpus):
+    from fairseq_smoe.routing import RoutePlan
+
+    task = make_task(corpus)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    plan = batch["net_input"]["route_plan"]
+    assert isinstance(plan, RoutePlan)
+    assert plan.encoder.tolist() == batch["net_input"]["encoder_route_ids"].tolist()
+    assert plan.decoder.tolist() == batch["net_input"]["decoder_route_ids"].tolist()
+
+
 def test_force_task_decodes_an_asr_set_as_st(corpus):
     task = make_task(corpus, "--force-task", "st", "--force-tgt-lang", "es")
     task.load_dataset("train")

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from fairseq_smoe.config import ConfigError, SMoEDataConfig
-from fairseq_smoe.routing import RouteBatch, RouteContext, RoutingTable
+from fairseq_smoe.routing import RouteBatch, RouteContext, RoutePlan, RoutingTable
 
 
 def test_default_table_follows_the_paper():
@@ -71,3 +72,36 @@ def test_config_section_is_strict():
         SMoEDataConfig.from_dict({"bandwidth_detection": "energy"})
     with pytest.raises(ConfigError, match="spectral_threshold_db must be a number"):
         SMoEDataConfig.from_dict({"spectral_threshold_db": "-30"})
+
+
+def test_route_batch_from_host_ids_matches_the_tensor_path_and_copies_perm_to_the_ids_device():
+    ids = torch.tensor([2, 0, 2, 1, 0])
+    from_tensor = RouteBatch(ids)
+    from_host = RouteBatch(ids, np.array([2, 0, 2, 1, 0]))
+    assert from_host.spans == from_tensor.spans == [(0, 0, 2), (1, 2, 3), (2, 3, 5)]
+    assert from_host.perm.tolist() == from_tensor.perm.tolist() == [1, 4, 3, 0, 2]
+    assert from_host.inverse.tolist() == from_tensor.inverse.tolist()
+    assert from_host.perm.dtype == torch.long and from_host.perm.device == ids.device
+    assert RouteBatch(ids[:2] * 0, np.array([0, 0])).single == 0
+
+
+def test_route_context_takes_host_ids_from_the_plan_and_checks_them():
+    ctx = RouteContext(3, "decoder")
+    ids = torch.tensor([0, 2, 2])
+    with ctx.use(ids, 3, host_ids=np.array([0, 2, 2])) as r:
+        assert r.spans == [(0, 0, 1), (2, 1, 3)] and ctx.get() is r
+    with pytest.raises(ValueError, match=r"decoder route id out of range \[0, 3\): \[0, 3, 2\]"):
+        with ctx.use(ids, 3, host_ids=np.array([0, 3, 2])):
+            pass
+    with pytest.raises(ValueError, match="decoder route plan: 2 route ids for a batch of 3 samples"):
+        with ctx.use(ids, 3, host_ids=np.array([0, 2])):
+            pass
+
+
+def test_route_plan_holds_host_ids_and_knows_one_route_batches():
+    plan = RoutePlan(torch.tensor([1, 1]).numpy(), [0, 1])
+    assert plan.batch_size == 2 and plan.single("encoder") == 1 and plan.single("decoder") is None
+    assert plan.encoder.dtype == np.int64 and not isinstance(plan, (list, tuple, dict, torch.Tensor))
+    assert RoutePlan([], []).single("decoder") is None
+    with pytest.raises(ValueError, match="where must be 'encoder' or 'decoder'"):
+        plan.single("ctc")

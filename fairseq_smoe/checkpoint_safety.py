@@ -94,6 +94,44 @@ def guard_fairseq_loader() -> None:
         checkpoint_utils.load_checkpoint_to_cpu = _guarded(checkpoint_utils.load_checkpoint_to_cpu)
 
 
+def _guarded_broadcast(broadcast_object_slow):
+    """fairseq's ``_broadcast_object_slow`` with a payload that the receiving ranks' ``torch.load`` accepts.
+
+    A multi-process resume loads the checkpoint on rank 0 only, and fairseq then sends that state to the other ranks
+    as a ``torch.save``d buffer which they ``torch.load`` with torch's default ``weights_only=True``. By then rank 0's
+    ``load_checkpoint_to_cpu`` has made ``state["cfg"]`` an omegaconf ``DictConfig``, and fairseq's tensor
+    placeholders (``_TensorPlaceholder``) stand in for the tensors: both refused, so every multi-process resume
+    failed on rank 1. The sender now sends plain containers (the trainer reads no ``cfg`` from the broadcast state;
+    rank 0 keeps its own object) and the receivers allow the placeholder class for this one load: an int holder,
+    no code. Everything else stays under the allow-list.
+    """
+    from fairseq.distributed import utils as distributed_utils
+
+    placeholder = getattr(distributed_utils, "_TensorPlaceholder", None)
+
+    @functools.wraps(broadcast_object_slow)
+    def _broadcast_object_slow(obj, src_rank, group, dist_device):
+        if distributed_utils.get_rank(group) == src_rank:
+            broadcast_object_slow(_plain(obj), src_rank, group, dist_device)
+            return obj
+        allowed = [placeholder] if placeholder is not None else []
+        with torch.serialization.safe_globals(allowed):
+            return broadcast_object_slow(obj, src_rank, group, dist_device)
+
+    _broadcast_object_slow.smoe_guarded = True
+    return _broadcast_object_slow
+
+
+def guard_fairseq_broadcast() -> None:
+    """Route fairseq's checkpoint broadcast to the other ranks (resume with several processes) through
+    :func:`_guarded_broadcast`."""
+    from fairseq.distributed import utils as distributed_utils
+
+    slow = getattr(distributed_utils, "_broadcast_object_slow", None)
+    if slow is not None and hasattr(torch.serialization, "safe_globals") and not getattr(slow, "smoe_guarded", False):
+        distributed_utils._broadcast_object_slow = _guarded_broadcast(slow)
+
+
 def _plain(obj):
     """Containers of plain values from a legacy checkpoint's objects (omegaconf configs become dicts)."""
     try:
@@ -107,7 +145,7 @@ def _plain(obj):
         return type(obj)((k, _plain(v)) for k, v in obj.items())
     if isinstance(obj, list):
         return [_plain(v) for v in obj]
-    if isinstance(obj, tuple):
+    if type(obj) is tuple:  # not its subclasses: a torch.Size (tensor metadata) must stay one
         return tuple(_plain(v) for v in obj)
     return obj
 
@@ -155,6 +193,7 @@ def main(argv=None) -> int:
 
 register()
 guard_fairseq_loader()
+guard_fairseq_broadcast()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -189,8 +189,10 @@ class RoutePlan:
     __slots__ = ("encoder", "decoder")
 
     def __init__(self, encoder_ids, decoder_ids):
-        self.encoder = np.ascontiguousarray(encoder_ids, dtype=np.int64)
-        self.decoder = np.ascontiguousarray(decoder_ids, dtype=np.int64)
+        # own copies: an array from ``tensor.numpy()`` shares the tensor's memory, which a data-loader worker frees
+        # when it moves the batch's tensors to shared memory to send them (the plan would then read freed memory)
+        self.encoder = np.array(encoder_ids, dtype=np.int64, copy=True)
+        self.decoder = np.array(decoder_ids, dtype=np.int64, copy=True)
         if self.encoder.ndim != 1 or self.decoder.shape != self.encoder.shape:
             raise ValueError(
                 f"a route plan needs one encoder and one decoder route per sample, got shapes "

@@ -246,8 +246,29 @@ def test_the_plan_stays_on_the_host_through_fairseq_and_ddp_input_moving_and_pic
     assert moved["net_input"]["route_plan"] is plan
     (kwargs,) = _recursive_to((sample["net_input"],), torch.device("cpu"), False)  # DDP's input moving
     assert kwargs[0]["route_plan"] is plan if isinstance(kwargs, tuple) else kwargs["route_plan"] is plan
-    again = pickle.loads(pickle.dumps(plan))  # data-loader workers send batches pickled
+    again = pickle.loads(pickle.dumps(plan))
     assert again.encoder.tolist() == plan.encoder.tolist() and again.decoder.tolist() == plan.decoder.tolist()
+
+
+def test_the_plan_survives_a_data_loader_worker_sending_the_batch(task):
+    """Workers pickle batches with torch's reductions, which move each tensor's storage to shared memory and free
+    the old one: a plan viewing the id tensors' memory (``tensor.numpy()``) read freed memory (fairseq-generate,
+    whose default is one worker, failed with route ids like 139841092721352)."""
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
+    from multiprocessing.reduction import ForkingPickler
+
+    bad = []
+    for kind in ("mixed", "one_route") * 5:
+        sample = collated(task, kind)
+        expected = sample["net_input"]["encoder_route_ids"].tolist(), sample["net_input"]["decoder_route_ids"].tolist()
+        buf = ForkingPickler.dumps(sample)
+        churn = [torch.randn(50_000) for _ in range(4)]  # reuse freed memory, as the worker's next batch does
+        plan = pickle.loads(buf)["net_input"]["route_plan"]
+        bad += [(plan.encoder.tolist(), plan.decoder.tolist())] if (plan.encoder.tolist(),
+                                                                    plan.decoder.tolist()) != expected else []
+        del churn
+    assert bad == []
+    assert sample["net_input"]["route_plan"].encoder.flags.owndata
 
 
 def test_a_plan_for_another_batch_is_refused(task):

@@ -109,7 +109,10 @@ class SwitchLinear(ExpertLinear):
         num_experts = state.num_experts
         flat = x.reshape(-1, x.size(-1))
         n = flat.size(0)
-        probs = torch.softmax(F.linear(flat.float(), self.gate.weight.float()), dim=-1)  # N x E, fp32
+        # the router in fp32 (a bf16 softmax over near-equal logits picks experts by rounding); autocast would cast
+        # F.linear's fp32 inputs back to bf16, hence the opt-out (on the input's device type)
+        with torch.autocast(flat.device.type, enabled=False):
+            probs = torch.softmax(F.linear(flat.float(), self.gate.weight.float()), dim=-1)  # N x E, fp32
         gate, expert = probs.max(dim=-1)
         mask = state.padding_mask
         one_hot = F.one_hot(expert, num_experts).to(probs.dtype)

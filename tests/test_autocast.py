@@ -140,3 +140,22 @@ def test_mixed_batch_rows_equal_each_row_alone_under_autocast(device):
             # measured on the CPU: 0 (bit-identical); 3e-3 while the mixed path ran in fp32. cuBLAS may pick other
             # kernels for other shapes, so allow a few bf16 roundings there
             assert rel_err(full[i], alone[0]) < (1e-3 if device == "cpu" else 5e-3), f"row {i}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_learned_gates_router_stays_fp32_under_autocast(device):
+    """F.linear would be cast to bf16 by autocast even on fp32 inputs: the router opts out, so its probabilities
+    (which scale the expert output and train the router) are the fp32 ones, and so is the choice of expert."""
+    from fairseq_smoe.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
+
+    torch.manual_seed(0)
+    state = SwitchState(4, 2.0, 2.0, AuxLossCollector())
+    fc1 = SwitchLinear(16, 32, state, "fc1", 16).to(device)
+    x = torch.randn(7, 3, 16, device=device)
+    fc1(x)
+    ref_gate, ref_order = state.dispatch.gate, state.dispatch.order
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = fc1(x)
+    assert h.dtype == torch.bfloat16
+    assert state.dispatch.gate.dtype == torch.float32
+    assert torch.equal(state.dispatch.order, ref_order) and torch.equal(state.dispatch.gate, ref_gate)

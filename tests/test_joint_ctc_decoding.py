@@ -2,8 +2,12 @@
 search's scores against the model's own CTC and decoder probabilities of the hypotheses it returns."""
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +224,20 @@ def test_the_asr_mask_follows_the_rows_when_sentences_leave_the_beam(task_and_mo
             att, ctc = hypothesis_scores(task, model, sample, row, hypo)
             pos = hypo["positional_scores"]
             assert pos[2:].sum().item() == pytest.approx(0.5 * att[2:].sum().item() + 0.5 * ctc, abs=2e-3)
+
+
+def test_memory_benchmark_runs_both_layouts_with_identical_scores(tmp_path):
+    """benchmarks/ctc_memory.py at a toy size: both layouts give the same scores, per source holds less."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ctc_memory.py"
+    out = tmp_path / "ctc"
+    proc = subprocess.run([sys.executable, str(script), "--frames", "40", "--batch", "2", "--beam", "4", "--vocabs",
+                           "3000", "--candidates", "5", "--steps", "3", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    r = report["results"]["3000"]
+    assert r["identical_scores"] is True
+    before, after = r["layouts"]["before"], r["layouts"]["after"]
+    assert before["held_peak_mb"] == pytest.approx(40 * 2 * 4 * 3000 * 4 / 2**20, rel=0.05)  # T x N x V fp32
+    assert after["held_peak_mb"] == pytest.approx(40 * 2 * 3000 * 4 / 2**20, rel=0.1)  # T x B x V fp32
+    assert "| 3,000 | after |" in out.with_suffix(".md").read_text()

@@ -9,7 +9,9 @@ to the audio — ESPnet decodes its hybrid models this way.
 
 Only rows whose guiding prefix is ``<transcribe>`` are rescored (CTC is trained on transcripts); translation rows
 keep the decoder's scores. Candidates: the ``prebeam`` best tokens of the decoder per row, plus ``</s>``; guiding
-tokens after the forced prefix are never candidates.
+tokens after the forced prefix are never candidates. Which rows are ASR rows is read from the device once per batch
+(at the first step after the forced prefix) and then follows the rows through every beam reorder, so a decoding
+step itself asks the device nothing.
 """
 
 import logging

@@ -46,8 +46,8 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 BF16_REFUSAL = (
     "fairseq reserves --bf16 for TPUs (it sets --tpu, and the trainer then asks torch_xla for a device), and "
-    "torch_xla is not installed. For bf16 on a GPU (or the CPU) use --amp --amp-dtype bfloat16: bf16 autocast with fp32 "
-    "master weights, for fairseq-train and fairseq-generate"
+    "torch_xla is not installed. For bf16 on a GPU (or the CPU) use --amp --amp-dtype bfloat16: bf16 autocast "
+    "with fp32 master weights, for fairseq-train and fairseq-generate"
 )
 
 

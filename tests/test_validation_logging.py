@@ -110,7 +110,8 @@ def test_wer_and_bleu_are_reported_only_for_the_tasks_decoded(task, tmp_path):
 
 def test_summed_bleu_counts_are_int64_arrays(task):
     criterion_keys = dict(loss=1.0, nll_loss=1.0, ntokens=4, nsentences=1, sample_size=4)
-    logs = [{**criterion_keys, **evaluation.empty_scores(), **evaluation.bleu_stats(["el gato"], ["el gato se sienta"])}]
+    bleu = evaluation.bleu_stats(["el gato"], ["el gato se sienta"])
+    logs = [{**criterion_keys, **evaluation.empty_scores(), **bleu}]
     with metrics.aggregate(new_root=True) as agg:
         task.reduce_metrics([summed_like_all_reduce(logs)], LabelSmoothedCrossEntropyCriterion(task, False, 0.1))
         counts, totals = agg["_bleu_counts"].sum, agg["_bleu_totals"].sum

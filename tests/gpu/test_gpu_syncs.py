@@ -8,6 +8,7 @@ The CPU rehearsal runs the same steps (so the test's own code is checked) and sk
 can take."""
 
 import argparse
+import traceback
 import warnings
 
 import pytest
@@ -67,17 +68,39 @@ def step(task, model, criterion, sample):
     task.train_step(sample, model, criterion, _Backward(), update_num=1)
 
 
+def origin(stack) -> tuple:
+    """Who asked for a sync: the innermost frame outside torch, as ``(plugin|fairseq|backward, "file:line")``.
+
+    Syncs of autograd's backward kernels are replayed after ``loss.backward()`` returns, so they land on its caller."""
+    for frame in reversed(stack):
+        f = frame.filename.replace("\\", "/")
+        if "/torch/" in f or f.endswith("/warnings.py") or frame.name in ("show", "count_syncs"):
+            continue
+        where = f"{frame.filename}:{frame.lineno}"
+        if f == __file__:
+            return ("backward" if frame.name == "backward" else "test"), where
+        return ("plugin" if "/fairseq_smoe/" in f else "fairseq" if "/fairseq/" in f else "other"), where
+    return "other", "?"
+
+
 def count_syncs(fn) -> list:
-    """Where each host-device synchronization of ``fn()`` happened (CUDA's own sync debug mode)."""
+    """``(origin, "file:line")`` of each host-device synchronization of ``fn()`` (CUDA's own sync debug mode)."""
+    found = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            found.append(origin(traceback.extract_stack()[:-1]))
+
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():  # restores showwarning on exit
         warnings.simplefilter("always")
+        warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+    return found
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -97,9 +120,14 @@ def test_training_step_host_syncs_within_budget(device, task, case):
     step(task, model, criterion, sample)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
     if device != "cuda":
         pytest.skip(CUDA_ONLY.format(what="torch.cuda.set_sync_debug_mode counts host syncs"))
-    # the counter sees a sync: one .item() is one
-    assert len(count_syncs(lambda: torch.ones(2, device="cuda").sum().item())) == 1
+    # the counter sees a sync, and tells who asked: one .item() here is one
+    assert [kind for kind, _ in count_syncs(lambda: torch.ones(2, device="cuda").sum().item())] == ["test"]
     syncs = count_syncs(lambda: step(task, model, criterion, sample))
-    record(f"syncs_{case}", {"arch": arch, "batch": kind, "syncs": len(syncs), "budget": budget, "where": syncs})
-    assert len(syncs) <= budget, f"{case}: {len(syncs)} host syncs in one training step (budget {budget}):\n" + \
-        "\n".join(syncs)
+    by_origin = {k: [w for o, w in syncs if o == k] for k in ("plugin", "fairseq", "backward", "other")}
+    record(f"syncs_{case}", {"arch": arch, "batch": kind, "budget_plugin": budget,
+                             **{f"syncs_{k}": len(v) for k, v in by_origin.items()}, "where": syncs})
+    # the budget is the plugin's: fairseq's S2T encoder reads the longest length once (lengths_to_padding_mask),
+    # and some of torch's backward kernels (embedding) size their work on the host; both are reported, not ours
+    assert len(by_origin["plugin"]) <= budget, \
+        f"{case}: {len(by_origin['plugin'])} host syncs by the plugin in one training step (budget {budget}):\n" + \
+        "\n".join(by_origin["plugin"])

@@ -198,6 +198,7 @@ def test_full_preset_trains_and_decodes_in_mixed_precision_with_enough_workers(m
     assert c.resolve_precision("auto", cpu=False, bf16_supported=lambda: True) == "bf16"
     assert c.resolve_precision("auto", cpu=False, bf16_supported=lambda: False) == "fp16"
     assert c.resolve_precision("auto", cpu=True, bf16_supported=lambda: True) == "fp32"
+    assert c.resolve_precision("auto", cpu=False, bf16_supported=lambda: None) == "fp32"  # no CUDA device
     assert c.resolve_precision("fp32", cpu=False) == "fp32"
     for cores, workers in ((2, 2), (16, 8), (None, 1)):
         monkeypatch.setattr(c.os, "cpu_count", lambda: cores)
@@ -262,3 +263,23 @@ def test_running_training_logs_and_records_its_projection_then_the_measured_time
     progress.update("b", {"status": "measured", "seconds": 230.0})
     doc = json.loads((tmp_path / "progress.json").read_text())
     assert doc["status"] == "measured" and doc["train_seconds_all_systems"] == 480.0
+
+
+def test_train_records_its_first_projection_next_to_the_measured_time(monkeypatch, tmp_path):
+    """train() wiring: a stand-in fairseq-train writes train_inner lines; the projection made while it ran is kept
+    in DONE (and results.json) next to the measured time, and progress.json ends measured."""
+    c = compare_module()
+    args = c.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "exp"), "--preset", "smoke",
+                         "--max-update", "1000"])
+    lines = [train_line(25, 40), train_line(125, 60), train_line(225, 80)]
+    script = "; ".join(["import time"] + [f"print({line!r}, flush=True); time.sleep(0.5)" for line in lines])
+    monkeypatch.setattr(c, "train_cmd", lambda args, arch, save_dir: [sys.executable, "-c", script])
+    monkeypatch.setattr(c, "PROGRESS_POLL_SECONDS", 0.2)
+    progress = c.Progress(tmp_path / "exp", ["s2t_smoe_base"], 1000)
+    info = c.train(args, "s2t_smoe_base", tmp_path / "exp" / "s2t_smoe_base", progress)
+    assert info["time_projection"]["measured_over_updates"] == [25, 125]  # the first one made
+    assert info["time_projection"]["projected_seconds"] == 235.0 and info["train_seconds"] >= 1.0
+    assert json.loads((tmp_path / "exp" / "s2t_smoe_base" / "DONE").read_text()) == info
+    doc = json.loads((tmp_path / "exp" / "progress.json").read_text())
+    assert doc["status"] == "measured" and doc["systems"]["s2t_smoe_base"] == {"status": "measured",
+                                                                              "seconds": info["train_seconds"]}

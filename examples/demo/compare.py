@@ -62,9 +62,11 @@ def bin_path(name: str) -> str:
 
 
 def resolve_precision(precision: str, cpu: bool, bf16_supported=None) -> str:
-    """``auto``: fp32 on the CPU; on a GPU bf16 where it has bf16 (Ampere and later), else fp16.
+    """``auto``: fp32 on the CPU (and where torch sees no GPU: fairseq then trains on the CPU); on a GPU bf16 where it
+    has bf16 (Ampere and later), else fp16.
 
-    ``bf16_supported``: a callable, by default ``torch.cuda.is_bf16_supported`` (torch is imported only then)."""
+    ``bf16_supported()``: True/False on a GPU, None without one; by default from ``torch.cuda`` (torch is imported
+    only then)."""
     if precision != "auto":
         return precision
     if cpu:
@@ -73,8 +75,12 @@ def resolve_precision(precision: str, cpu: bool, bf16_supported=None) -> str:
         import torch
 
         def bf16_supported():
-            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16" if bf16_supported() else "fp16"
+            return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    supported = bf16_supported()
+    if supported is None:
+        logger.warning("--precision auto: no CUDA device, so fp32 (fairseq will train on the CPU)")
+        return "fp32"
+    return "bf16" if supported else "fp16"
 
 
 def resolve_num_workers(num_workers) -> int:
@@ -141,9 +147,11 @@ class Progress:
                         f"{len(self.arches)} systems: {hours(total)} ({'measured' if measured else 'projection'})")
 
 
-def run_logged(cmd, log_path: Path, threads: int = 0, on_progress=None, poll: float = PROGRESS_POLL_SECONDS) -> str:
+def run_logged(cmd, log_path: Path, threads: int = 0, on_progress=None, poll: Optional[float] = None) -> str:
     """Run ``cmd`` with its output in ``log_path`` (``threads``: the torch/OpenMP threads it may use, 0 = inherit;
-    ``on_progress(text)``: called with the log so far every ``poll`` seconds while it runs)."""
+    ``on_progress(text)``: called with the log so far every ``poll`` seconds, default
+    :data:`PROGRESS_POLL_SECONDS`, while it runs)."""
+    poll = PROGRESS_POLL_SECONDS if poll is None else poll
     logger.info(f"{Path(cmd[0]).name} ... (log: {log_path})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
@@ -219,12 +227,13 @@ def train(args, arch: str, save_dir: Path, progress: Optional[Progress] = None) 
         return info
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    last = {}
+    last, first = {}, {}
 
     def on_progress(text):
         projection = project_train_time(text, args.max_update)
         if projection and projection["updates_done"] != last.get("updates_done"):
             last.update(projection)
+            first.update(first or projection)
             if progress:
                 progress.update(arch, projection)
 
@@ -236,9 +245,8 @@ def train(args, arch: str, save_dir: Path, progress: Optional[Progress] = None) 
     info = {"cmd": cmd[1:], "train_seconds": round(time.time() - start, 1),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "updates": max(updates) if updates else None}
-    projection = project_train_time(log, args.max_update)
-    if projection:  # what the time per update projected, kept next to the measured time
-        info["time_projection"] = projection
+    if first:  # the first projection made while it trained, kept next to the measured time
+        info["time_projection"] = first
     if progress:
         progress.update(arch, {"status": "measured", "seconds": info["train_seconds"]})
     tmp = done.with_suffix(".tmp")
@@ -576,6 +584,10 @@ def main(argv=None):
         sum(r["train_seconds"] for r in results["systems"].values()), 1), "projected_seconds_all_systems": round(
         sum(r["train_time_projection"]["projected_seconds"] for r in results["systems"].values()), 1)
         if all("train_time_projection" in r for r in results["systems"].values()) else None}
+    t = results["train_time"]
+    logger.info(f"training time of the {len(results['systems'])} systems, measured: "
+                f"{hours(t['train_seconds_all_systems'])}" + (f" (projected while they trained: "
+                f"{hours(t['projected_seconds_all_systems'])})" if t["projected_seconds_all_systems"] else ""))
     results["constant_hypothesis"] = constant_hypotheses(args.data, subsets)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")

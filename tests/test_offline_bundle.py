@@ -4,9 +4,9 @@ fresh Python 3.12 environment that stands in for a GPU image, and its node comma
 The end-to-end tests need PyPI access (the build downloads wheels), flite, and a Python 3.12 virtual environment
 with torch, torchaudio, numpy 2, sentencepiece and sacrebleu to take the image's packages from:
 ``SMOE_BUNDLE_IMAGE=.venv312`` (CI's second environment, made by ``PYTHON=python3.12 VENV=.venv312
-bash scripts/setup.sh``). The "image" is that environment's base interpreter plus a folder of links to just those
-packages and their dependencies (on PYTHONPATH), so the node's ``--system-site-packages`` venv sees torch but none of
-what the bundle must bring. The other tests (the import hook, the summary) run everywhere.
+bash scripts/setup.sh``). The "image" is a fresh virtual environment of that environment's base interpreter holding
+links to just those packages and their dependencies, so the node's venv sees torch but none of what the bundle must
+bring. The other tests (the import hook, the summary) run everywhere.
 """
 
 import json
@@ -80,12 +80,18 @@ def image(tmp_path_factory):
         pytest.fail(f"SMOE_BUNDLE_IMAGE={IMAGE_VENV}: no bin/python there")
     base = subprocess.run([str(venv_py), "-c", "import sys; print(sys._base_executable)"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    site = tmp_path_factory.mktemp("image_site")
+    # the image: a virtual environment of its own holding links to just the image's packages (as images built with
+    # python -m venv or uv do; node.sh must then reach them through a .pth file, --system-site-packages cannot)
+    root = tmp_path_factory.mktemp("image") / "venv"
+    subprocess.run([base, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
     out = subprocess.run([str(venv_py), "-c", MAKE_IMAGE, str(site), *IMAGE_PACKAGES], capture_output=True,
                          text=True, check=True).stdout
     for pkg in IMAGE_PACKAGES:
         assert pkg in out.split(), f"{IMAGE_VENV} lacks {pkg}"
-    return {"venv_python": venv_py, "python": base, "site": site}
+    return {"venv_python": venv_py, "python": str(python), "site": site}
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +112,8 @@ def node_run(image, built, tmp_path_factory):
     where = tmp_path_factory.mktemp("node") / "carried"
     shutil.move(str(built), str(where))
     results = where.parent / "results"
-    env = {**os.environ, **OFFLINE_ENV, "PYTHON": image["python"], "PYTHONPATH": str(image["site"])}
-    for k in ("VIRTUAL_ENV", "SMOE_TEST_CORPUS", "SMOE_GPU_TESTS", "CUDA_VISIBLE_DEVICES"):
+    env = {**os.environ, **OFFLINE_ENV, "PYTHON": image["python"]}
+    for k in ("VIRTUAL_ENV", "PYTHONPATH", "SMOE_TEST_CORPUS", "SMOE_GPU_TESTS", "CUDA_VISIBLE_DEVICES"):
         env.pop(k, None)
     start = time.monotonic()
     proc = subprocess.run(["bash", str(where / "node.sh"), str(results)], env=env, capture_output=True, text=True,
@@ -177,6 +183,8 @@ def test_node_command_runs_offline_with_gpu_tests_skipped(node_run):
     assert "fairseq.tasks.audio_classification" in summary  # the image has no scikit-learn: the hook is in use
     assert "| forward |" in (results / "speed_xs.md").read_text() and "| forward |" in summary
     assert "install_error" not in ph
+    log = (results / "node.log").read_text()
+    assert "the image's packages are in a virtual environment: linked " + str(node_run["image"]["site"]) in log
 
 
 @needs_image

@@ -14,7 +14,17 @@ set -uo pipefail
 B=$(cd "$(dirname "$0")" && pwd)
 R=${1:-${OUT:-$PWD/smoe_gpu_out}}
 mkdir -p "$R" && R=$(cd "$R" && pwd)
-PY=${PYTHON:-python3}
+want=$(sed -n 's/.*"python": *"\([0-9.]*\)".*/\1/p' "$B/BUNDLE_INFO.json" 2>/dev/null | head -1)
+# the image's interpreter: $PYTHON, else the first of python3.X (the bundle's), python3, python that imports torch
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in "python$want" python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import sys, torch; sys.exit(0 if '%d.%d' % sys.version_info[:2] == '$want' else 1)" >/dev/null 2>&1; then
+      PY=$c; break
+    fi
+  done
+  PY=${PY:-python3}
+fi
 V=${SMOE_NODE_VENV:-$B/venv}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
@@ -33,8 +43,7 @@ fail_early() {
   exit 1
 }
 
-want=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["python"])' "$B/BUNDLE_INFO.json" 2>/dev/null) \
-  || fail_early "$B/BUNDLE_INFO.json unreadable: is $B a bundle made by scripts/offline_bundle.sh?"
+[ -n "$want" ] || fail_early "$B/BUNDLE_INFO.json unreadable: is $B a bundle made by scripts/offline_bundle.sh?"
 have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || fail_early "PYTHON=$PY does not run"
 [ "$want" = "$have" ] || fail_early "the bundle was built for Python $want, $PY is $have (rebuild: NODE_PYTHON_VERSION=$have bash scripts/offline_bundle.sh)"
 for m in torch torchaudio numpy sentencepiece sacrebleu; do
@@ -50,6 +59,22 @@ if [ ! -x "$V/bin/python" ]; then
     || fail_early "python -m venv failed (see $LOG)"
 fi
 VP=$V/bin/python
+# An image whose torch lives in a virtual environment of its own (python -m venv, uv, ...): --system-site-packages
+# reaches only the base interpreter's packages, so its site folders are appended through a .pth file (after the
+# bundle's, as system site-packages would be).
+vsite=$("$VP" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+msg=$("$VP" - "$("$PY" -c 'import site; print("\n".join(site.getsitepackages()))')" "$vsite" <<'PYEOF'
+import os, sys
+img = [p for p in sys.argv[1].splitlines() if p and os.path.isdir(p)]
+missing = [p for p in img if os.path.realpath(p) not in {os.path.realpath(q) for q in sys.path if q}]
+pth = os.path.join(sys.argv[2], "smoe_image_site.pth")
+if missing:
+    with open(pth, "w") as f:
+        f.write("\n".join(missing) + "\n")
+    print("the image's packages are in a virtual environment: linked", " ".join(missing))
+PYEOF
+) || fail_early "reading the image's site folders failed"
+[ -z "$msg" ] || phase "$msg"
 if ! "$VP" -m pip --version >/dev/null 2>&1; then  # no ensurepip in the image: pip runs from its own wheel
   pipwhl=$(ls "$B"/wheels/pip-*.whl | head -1)
   "$VP" "$pipwhl/pip" install -q --no-index "$pipwhl" >>"$LOG" 2>&1 || fail_early "bootstrapping pip from $pipwhl failed"

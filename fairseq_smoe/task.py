@@ -55,6 +55,14 @@ def have_torch_xla() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
 
 
+def _cuda_has_native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later): torch's default also says yes for GPUs that only emulate it, slowly."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no emulation flag and answers for the hardware
+        return torch.cuda.is_bf16_supported()
+
+
 def refuse_bf16_without_xla(parser) -> None:
     """Make ``--bf16`` / ``--memory-efficient-bf16`` a parser error, naming ``--amp --amp-dtype bfloat16``, unless
     torch_xla is installed (a TPU host, where fairseq's bf16 works).
@@ -138,7 +146,7 @@ class SpeechToTextSMoETask(SpeechToTextTask):
             raise ConfigError(f"--amp-dtype {amp_dtype} takes effect with --amp only: add --amp (or drop "
                               f"--amp-dtype for fp32 / --fp16)")
         if (amp_dtype == "bfloat16" and getattr(args, "amp", False) and not getattr(args, "cpu", False)
-                and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()):
+                and torch.cuda.is_available() and not _cuda_has_native_bf16()):
             raise ConfigError(f"--amp --amp-dtype bfloat16: {torch.cuda.get_device_name()} has no bf16 support; "
                               f"use --amp (float16) or --fp16")
 

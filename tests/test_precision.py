@@ -118,7 +118,7 @@ def test_amp_runs_training_validation_and_decoding_under_autocast(task_and_data,
     assert set(seen["conv"]) == {torch.float32}
 
 
-def test_precision_flags_are_checked_when_the_task_is_set_up(task_and_data):
+def test_precision_flags_are_checked_when_the_task_is_set_up(task_and_data, monkeypatch):
     """The checks of add_args' parser, again at setup_task: entry points that build the task from a config."""
     task, _ = task_and_data
     args = Namespace(**vars(task.args))
@@ -130,6 +130,17 @@ def test_precision_flags_are_checked_when_the_task_is_set_up(task_and_data):
     args.amp, args.amp_dtype = False, "bfloat16"
     with pytest.raises(ConfigError, match=r"--amp-dtype bfloat16 takes effect with --amp only: add --amp"):
         SpeechToTextSMoETask.setup_task(args)
+    # a GPU without bf16 hardware (before Ampere): named, with what to use there
+    import fairseq_smoe.task as task_module
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(task_module, "_cuda_has_native_bf16", lambda: False)
+    args.amp, args.cpu = True, False
+    with pytest.raises(ConfigError, match=r"--amp --amp-dtype bfloat16: Tesla V100-SXM2-32GB has no bf16 support; "
+                                          r"use --amp \(float16\) or --fp16"):
+        SpeechToTextSMoETask.setup_task(args)
+    args.cpu = True  # --cpu: the CPU's autocast does bf16
+    assert SpeechToTextSMoETask.setup_task(args).args.amp_dtype == "bfloat16"
 
 
 # ------------------------------------------------------------------------------ through fairseq's command lines

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_helpers import CUDA_ONLY, SKIP_REASON, TRAIN_PRECISIONS, TRAIN_UPDATES, gpu_mode, run, threads, train_cmd
+from gpu_helpers import SKIP_REASON, TRAIN_PRECISIONS, TRAIN_UPDATES, gpu_mode, run, threads, train_cmd
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +49,8 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = (__file__, _SKIP_LINE, rep.longrepr[2])
 
 
-_SKIP_LINE = next(n for n, line in enumerate(open(__file__), 1) if "pytest.skip(SKIP_REASON)" in line)
-
-
-@pytest.fixture
-def cuda_only(device):
-    def need(what: str):
-        if device != "cuda":
-            pytest.skip(CUDA_ONLY.format(what=what))
-    return need
+_SKIP_LINE = next(n for n, line in enumerate(Path(__file__).read_text().splitlines(), 1)
+                  if "pytest.skip(SKIP_REASON)" in line)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def decodings(device, gpu_corpus, checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_generate_decodes_every_utterance(decodings, gpu_corpus, case):
+def test_generate_decodes_every_utterance(decodings, gpu_corpus, case, device):
     precision, subset, decoding = case
     rc, log = decodings[case]
     assert rc == 0, log[-6000:]
@@ -42,6 +42,8 @@ def test_generate_decodes_every_utterance(decodings, gpu_corpus, case):
         assert re.search(rf"Generate {subset} with beam=3: WER: [\d.]+", log), log[-3000:]
     else:
         assert re.search(rf"Generate {subset} with beam=3: BLEU = [\d.]+", log), log[-3000:]
+    if precision == "bf16":  # autocast reached the model on this device (the task logs it once)
+        assert f"--amp --amp-dtype bfloat16: decoding: decoder logits computed in torch.bfloat16 on {device}" in log
     hyps = hypotheses(log)
     assert sorted(hyps) == list(range(rows(gpu_corpus, subset))), log[-3000:]
     assert not any(GUIDING.search(line) for line in log.splitlines() if line[:2] in ("H-", "D-"))

@@ -12,6 +12,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 
 from fairseq_smoe import params
 from fairseq_smoe.routing import RoutingTable
+from gpu_helpers import record
 
 ENC = [0, 1, 1, 0, 1, 0, 0, 1]  # bandwidth route per row (nb / wb)
 DEC = [1, 1, 0, 0, 0, 1, 0, 1]  # task route per row (transcribe / translate)
@@ -82,8 +83,8 @@ def test_mixed_batch_rows_equal_each_route_pair_run_alone(device, precision):
     scale = alone.abs().max().item()
     diff = (mixed - alone).abs().max().item() / scale
     misrouted = (wrong - alone).abs().max().item() / scale
-    print(f"[gpu-suite] mixed vs per-route on {device} {precision}: max rel diff {diff:.2e} "
-          f"(misrouted rows: {misrouted:.2e})")
+    record(f"mixed_route_{precision}", {"device": device, "max_rel_diff": diff, "misrouted_rel_diff": misrouted,
+                                        "tolerance": TOLERANCE[precision]})
     assert diff <= TOLERANCE[precision], f"{precision}: mixed-route rows differ by {diff:.2e} of the output scale"
     assert misrouted > 10 * TOLERANCE[precision], f"routing mistakes would go unnoticed ({misrouted:.2e})"
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from gpu_helpers import TRAIN_PRECISIONS, TRAIN_UPDATES, train_losses
+from gpu_helpers import TRAIN_PRECISIONS, TRAIN_UPDATES, record, train_losses
 
 
 @pytest.mark.parametrize("precision", TRAIN_PRECISIONS)
@@ -28,6 +28,11 @@ def test_mixed_precision_training_validates_and_its_loss_falls(trainings, precis
     assert valid, log[-3000:]
     assert f"num_updates {TRAIN_UPDATES}" in log[valid.start():valid.end() + 200]
     assert (save_dir / "checkpoint_best.pt").is_file(), log[-3000:]
+    if precision in ("amp", "bf16"):  # autocast reached the model, on this device (the task logs it once)
+        dtype = "bfloat16" if precision == "bf16" else "float16"
+        assert f"--amp --amp-dtype {dtype}: training: decoder logits computed in torch.{dtype} on {device}" in log, \
+            log[-3000:]
+        assert f"--amp --amp-dtype {dtype}: decoding: decoder logits computed in torch.{dtype} on {device}" in log
     state = torch.load(save_dir / "checkpoint_best.pt", map_location="cpu", weights_only=False)
     cfg = state["cfg"]
     assert cfg["common"]["fp16"] is (precision == "fp16")
@@ -38,5 +43,6 @@ def test_mixed_precision_training_validates_and_its_loss_falls(trainings, precis
     # fairseq writes fp32 checkpoints in every precision (utils.move_to_cpu casts half tensors): they load anywhere
     assert weights == {torch.float32}, weights
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
-    print(f"[gpu-suite] train {precision} on {device}: {TRAIN_UPDATES} updates + validation in {seconds:.1f} s, "
-          f"loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+    record(f"train_{precision}", {"device": device, "updates": TRAIN_UPDATES, "seconds_with_validation":
+                                  round(seconds, 1), "first_loss": losses[0], "last_loss": losses[-1],
+                                  "overflow_skips": skipped, "valid_wer": float(valid.group(1))})

@@ -5,6 +5,10 @@ decoder routes), but a learned per-token router chooses the expert instead of th
 is the paper's open comparison (supervised vs learned routing) and the speed reference of ``benchmarks/``.
 Route ids in ``net_input`` are accepted and ignored, so it trains and decodes with ``--task speech_to_text_smoe``.
 Train it with ``--criterion label_smoothed_cross_entropy_moe`` so the load-balancing loss is optimised.
+
+Host syncs: unlike S-MoE, whose routes the collater knows on the host, the router decides on the device in the
+middle of the forward, so every switch layer needs its per-expert split sizes on the host: one device-to-host read
+per switch layer and step (``tests/test_host_transfers.py`` holds that budget).
 """
 
 import functools

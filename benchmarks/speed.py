@@ -47,7 +47,7 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 from fairseq_smoe import params  # noqa: E402  (also registers the models and the criterion)
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion  # noqa
 from fairseq_smoe.prep.common import atomic_path  # noqa: E402
-from fairseq_smoe.routing import RoutingTable  # noqa: E402
+from fairseq_smoe.routing import RoutePlan, RoutingTable  # noqa: E402
 
 SYSTEMS = {  # name: (architecture prefix, route pattern of the batches)
     "base": ("s2t_smoe_base", "one"),
@@ -85,13 +85,15 @@ class Inputs:
         self.src = self.src.to(device=device, dtype=dtype)
         self.lengths = self.lengths.to(device)
         self.prev, self.target = self.prev.to(device), self.target.to(device)
+        # the host-side plan the collater hands the model in training and decoding (no route ids read back)
+        self.plans = {k: RoutePlan(e, d) for k, (e, d) in self.routes.items()}
         self.routes = {k: (e.to(device), d.to(device)) for k, (e, d) in self.routes.items()}
         self.prefix = self.prev[:, 1:3]  # the two guiding tokens generation forces
 
     def net_input(self, pattern: str) -> Dict:
         enc, dec = self.routes[pattern]
         return {"src_tokens": self.src, "src_lengths": self.lengths, "prev_output_tokens": self.prev,
-                "encoder_route_ids": enc, "decoder_route_ids": dec}
+                "encoder_route_ids": enc, "decoder_route_ids": dec, "route_plan": self.plans[pattern]}
 
     def sample(self, pattern: str) -> Dict:
         ntokens = int(self.target.numel())

@@ -143,7 +143,10 @@ class SwitchLinear(ExpertLinear):
         # group the kept tokens by expert: stable sort on the expert id, dropped tokens (key E) last
         key = torch.where(keep, expert, torch.full_like(expert, num_experts))
         order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=num_experts + 1).tolist()[:num_experts]
+        # counted with scatter_add_, not bincount: CUDA's bincount reads the ids' min and max on the host first,
+        # so the split sizes' tolist() stays this layer's only device-to-host read
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=key.device).scatter_add_(
+            0, key, torch.ones_like(key)).tolist()[:num_experts]
         order = order[: sum(counts)]
         state.dispatch = _Dispatch(x.shape, order, counts, gate.index_select(0, order))
         packed = flat.index_select(0, order)

@@ -210,9 +210,6 @@ def test_the_learned_gate_has_device_decided_routes_so_reads_at_least_once_per_s
     assert counter.count("fairseq") == FAIRSEQ_READS_PER_STEP, counter.summary()
 
 
-@pytest.mark.xfail(strict=True, reason="switch_layer.py counts the kept tokens with torch.bincount, which reads the "
-                                       "ids' min and max on the host on CUDA; counting them with scatter_add_ into "
-                                       "a (num_experts + 1) zero tensor leaves the split sizes' tolist() alone")
 def test_the_learned_gate_reads_exactly_once_per_switch_layer(task):
     model, criterion = build(task, "s2t_encdec_lmoe_xs")
     switch_layers = sum(isinstance(m, SwitchLinear) and m.role == "fc1" for m in model.modules())

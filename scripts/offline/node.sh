@@ -8,7 +8,7 @@
 # 3. writes RESULTS_DIR/summary.md (one page: versions, GPU, test counts, benchmark table) beside the raw logs.
 # Exit status: 0 when the install worked and no test failed; 1 otherwise (the summary says what).
 # Env: PYTHON (the image's interpreter, default python3), SMOE_NODE_VENV (default: <bundle>/venv),
-#      TEST_TIMEOUT (s, default 300), BENCH_TIMEOUT (s, default 150), BENCH_ARGS (default "--repeats 3"),
+#      TEST_TIMEOUT (s, default 300), BENCH_TIMEOUT (s, default 120), BENCH_ARGS (default "--repeats 3"),
 #      PYTEST_ARGS (extra pytest arguments). Without CUDA the GPU tests skip and the benchmark runs a CPU smoke size.
 set -uo pipefail
 B=$(cd "$(dirname "$0")" && pwd)
@@ -27,7 +27,7 @@ if [ -z "$PY" ]; then
 fi
 V=${SMOE_NODE_VENV:-$B/venv}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
 LOG=$R/node.log
 : > "$LOG"
 T0=$(date +%s)
@@ -85,6 +85,12 @@ PIP_CONFIG_FILE=/dev/null "$VP" -m pip install -q --disable-pip-version-check --
   --find-links "$B/wheels" -r "$B/requirements-node.txt" >>"$LOG" 2>&1 || fail_early "pip install from the bundle failed (see $LOG)"
 PIP_CONFIG_FILE=/dev/null "$VP" -m pip install -q --disable-pip-version-check --no-index --no-deps --force-reinstall \
   --find-links "$B/wheels" fairseq_smoe >>"$LOG" 2>&1 || fail_early "installing the plugin wheel failed (see $LOG)"
+# torch's console scripts (torchrun, which the GPU suite's two-process tests call beside fairseq-train) are in the
+# image's bin folder, not the venv's: write the one the suite needs, the same entry point pip writes.
+if [ ! -x "$V/bin/torchrun" ]; then
+  printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' "$VP" > "$V/bin/torchrun"
+  chmod +x "$V/bin/torchrun"
+fi
 site=$("$VP" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if ! "$VP" -c 'import sklearn, scipy' 2>/dev/null; then
   cp "$B/fairseq_optional_imports.py" "$site/smoe_fairseq_optional_imports.py"
@@ -111,7 +117,9 @@ secs[corpus]=$(( $(date +%s) - t ))
 t=$(date +%s)
 phase "GPU suite: python -m pytest -q tests/gpu (time box ${TEST_TIMEOUT} s)"
 mkdir -p "$R/gpu_results"
-(cd "$B/src" && SMOE_TEST_CORPUS="$B/corpus" SMOE_GPU_RESULTS="$R/gpu_results" timeout -k 15 "$TEST_TIMEOUT" \
+# SIGINT at the time box: pytest stops as on Ctrl-C and still writes its counts and JUnit report (timeout's group
+# signal also reaches the fairseq processes a test started); SIGKILL 20 s later if that hangs.
+(cd "$B/src" && SMOE_TEST_CORPUS="$B/corpus" SMOE_GPU_RESULTS="$R/gpu_results" timeout -s INT -k 20 "$TEST_TIMEOUT" \
   "$VP" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$R/gpu_tests.xml" -rfEs ${PYTEST_ARGS:-}) \
   >"$R/gpu_tests.log" 2>&1
 rc[tests]=$?; secs[tests]=$(( $(date +%s) - t ))

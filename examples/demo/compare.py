@@ -74,8 +74,13 @@ def resolve_precision(precision: str, cpu: bool, bf16_supported=None) -> str:
     if bf16_supported is None:
         import torch
 
-        def bf16_supported():
-            return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+        def bf16_supported():  # bf16 hardware: torch's default also says yes for emulation (refused by the task)
+            if not torch.cuda.is_available():
+                return None
+            try:
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch without the argument
+                return torch.cuda.is_bf16_supported()
     supported = bf16_supported()
     if supported is None:
         logger.warning("--precision auto: no CUDA device, so fp32 (fairseq will train on the CPU)")

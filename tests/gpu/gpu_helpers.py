@@ -54,6 +54,20 @@ def gpu_mode() -> Optional[str]:
     return "cuda" if torch.cuda.is_available() else None
 
 
+def native_bf16(mode: str) -> bool:
+    """bf16 the hardware computes (Ampere and later; the CPU rehearsal's autocast has it too). torch's default
+    ``is_bf16_supported()`` also says yes for emulation, which the task refuses for ``--amp-dtype bfloat16``."""
+    if mode == "cpu":
+        return True
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the argument
+        return torch.cuda.is_bf16_supported()
+
+
+NO_BF16 = "this GPU has no bf16 hardware (Ampere or later needed): --amp --amp-dtype bfloat16 is refused there"
+
+
 def device_flags(mode: str) -> List[str]:
     return ["--cpu"] if mode == "cpu" else []
 

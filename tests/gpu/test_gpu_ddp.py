@@ -10,9 +10,8 @@ DistributedDataParallel a CUDA device id, which torch refuses for a CPU model)."
 import re
 
 import pytest
-import torch
 
-from gpu_helpers import generate_cmd, hypotheses, rows, run, threads, torchrun_bash, train_cmd
+from gpu_helpers import generate_cmd, hypotheses, native_bf16, rows, run, threads, torchrun_bash, train_cmd
 
 UPDATES = 6
 
@@ -23,7 +22,7 @@ def test_two_processes_train_validate_and_decode(device, n_gpus, gpu_corpus, tmp
         pytest.skip("pytorch_ddp needs CUDA in fairseq (it passes a CUDA device id to DistributedDataParallel)")
     backend = "nccl" if n_gpus >= 2 else "gloo"
     device_id = "$LOCAL_RANK" if n_gpus >= 2 else "0"
-    precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = "bf16" if device == "cuda" and native_bf16(device) else "fp32"
     cmd = train_cmd(device, gpu_corpus, tmp_path / "ckpt", precision, UPDATES,
                     "--distributed-world-size", "$WORLD_SIZE", "--distributed-rank", "$RANK",
                     "--distributed-init-method", "env://", "--distributed-no-spawn", "--device-id", device_id,

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from gpu_helpers import generate_cmd, hypotheses, rows, run, threads
+from gpu_helpers import NO_BF16, generate_cmd, hypotheses, native_bf16, rows, run, threads
 
 GUIDING = re.compile(r"<transcribe>|<translate>|<lang:")
 DECODE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -29,13 +29,16 @@ def decodings(device, gpu_corpus, checkpoint, tmp_path_factory):
         cmd = generate_cmd(device, gpu_corpus, checkpoint, subset, precision, *extra)
         return case, run(cmd, cwd=work, n_threads=threads(device), check=False)
 
-    with concurrent.futures.ThreadPoolExecutor(len(CASES) if device == "cuda" else 1) as pool:
-        return dict(pool.map(one, CASES))
+    cases = [c for c in CASES if c[0] != "bf16" or native_bf16(device)]
+    with concurrent.futures.ThreadPoolExecutor(len(cases) if device == "cuda" else 1) as pool:
+        return dict(pool.map(one, cases))
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_generate_decodes_every_utterance(decodings, gpu_corpus, case, device):
     precision, subset, decoding = case
+    if precision == "bf16" and not native_bf16(device):
+        pytest.skip(NO_BF16)
     rc, log = decodings[case]
     assert rc == 0, log[-6000:]
     if "_asr_" in subset:
@@ -52,12 +55,12 @@ def test_generate_decodes_every_utterance(decodings, gpu_corpus, case, device):
     assert len(scores) == len(hyps) and all(s == s and abs(s) != float("inf") for s in scores), scores
 
 
-def test_precisions_agree_on_most_hypotheses(decodings):
+def test_precisions_agree_on_most_hypotheses(decodings, device):
     """Half precision changes rounding, not the model: most hypotheses equal fp32's (the same beam search)."""
     for subset, decoding in (("test_asr_wb", "beam"), ("test_asr_nb", "joint")):
-        logs = {p: decodings[(p, subset, decoding)] for p in DECODE_PRECISIONS}
+        logs = {p: decodings[(p, subset, decoding)] for p in DECODE_PRECISIONS if (p, subset, decoding) in decodings}
         assert all(rc == 0 for rc, _ in logs.values())
         ref = hypotheses(logs["fp32"][1])
-        for p in ("fp16", "bf16"):
+        for p in [p for p in ("fp16", "bf16") if p in logs]:
             same = sum(hypotheses(logs[p][1])[i] == h for i, h in ref.items())
             assert same >= len(ref) // 2, f"{subset} {decoding}: {p} agrees with fp32 on {same} of {len(ref)}"

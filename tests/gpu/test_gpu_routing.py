@@ -12,7 +12,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 
 from fairseq_smoe import params
 from fairseq_smoe.routing import RoutingTable
-from gpu_helpers import record
+from gpu_helpers import NO_BF16, native_bf16, record
 
 ENC = [0, 1, 1, 0, 1, 0, 0, 1]  # bandwidth route per row (nb / wb)
 DEC = [1, 1, 0, 0, 0, 1, 0, 1]  # task route per row (transcribe / translate)
@@ -66,6 +66,8 @@ def forward(model, device, precision, src, lengths, prev, enc, dec):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_mixed_batch_rows_equal_each_route_pair_run_alone(device, precision):
+    if precision == "bf16" and not native_bf16(device):
+        pytest.skip(NO_BF16)
     model = build(device)
     src, lengths, prev = batch(device)
     with no_tf32():

@@ -247,6 +247,20 @@ def test_node_time_box_keeps_partial_counts(node_run, tmp_path):
 
 
 @needs_image
+def test_node_rehearses_a_gpu_suite_test_from_the_bundle(node_run, tmp_path):
+    """The bundle's layout really runs the suite: its legacy_ddp two-process test (fairseq-train through the venv's
+    torchrun, validation, decoding) rehearsed on the CPU, on the bundle's corpus, from the carried folder."""
+    env = {**node_run["env"], "SMOE_GPU_TESTS": "cpu", "PYTEST_ARGS": "-k legacy_ddp", "TEST_TIMEOUT": "400",
+           "BENCH_TIMEOUT": "30"}
+    proc = subprocess.run(["bash", str(node_run["bundle"] / "node.sh"), str(tmp_path / "r")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    ph = _phases(tmp_path / "r")
+    assert ph.get("tests_rc") != "5", "no test of tests/gpu matches -k legacy_ddp (renamed?)"
+    assert proc.returncode == 0 and ph["tests_rc"] == "0", (tmp_path / "r" / "gpu_tests.log").read_text()[-4000:]
+    assert "**1 passed, 0 failed, 0 errors, 0 skipped** of 1" in (tmp_path / "r" / "summary.md").read_text()
+
+
+@needs_image
 def test_node_refuses_another_python(node_run, tmp_path):
     other = shutil.which("python3.11") or str(Path.home() / ".pyenv/versions/3.11.7/bin/python")
     if not Path(other).exists():

@@ -1,5 +1,6 @@
-"""Session fixtures: the flite speech corpus of :mod:`fixture_corpus`, built once per test session."""
+"""Session fixtures: the flite speech corpus of :mod:`fixture_corpus`, built once per test session, and the task over it."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,22 @@ def flite_corpus_no_bandwidth(tmp_path_factory, flite_cache) -> dict:
     """The same corpus with manifests that leave the bandwidth to be derived from the audio."""
     root = tmp_path_factory.mktemp("corpus_no_bandwidth")
     return make_corpus(root, bandwidth_column=False, cache_dir=flite_cache)
+
+
+def load_train_task(data_dir):
+    """``speech_to_text_smoe`` set up on ``data_dir`` (default flags, seed 1) with its ``train`` split loaded."""
+    from fairseq_smoe.task import SpeechToTextSMoETask
+
+    parser = argparse.ArgumentParser()
+    SpeechToTextSMoETask.add_args(parser)
+    args = parser.parse_args([str(data_dir)])
+    args.seed = 1
+    task = SpeechToTextSMoETask.setup_task(args)
+    task.load_dataset("train")
+    return task
+
+
+@pytest.fixture(scope="module")
+def train_task(corpus_dir):
+    """The task over the session's flite corpus, ``train`` loaded (in-process batches from the real collater)."""
+    return load_train_task(corpus_dir)

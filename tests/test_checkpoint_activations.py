@@ -2,7 +2,6 @@
 it repeats, so training computes the same gradients as without checkpointing, for S-MoE (one-route and mixed
 batches) and for the learned gate (whose router statistics are recorded once and keep their gradient)."""
 
-import argparse
 import os
 import re
 import subprocess
@@ -18,21 +17,14 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq_smoe import params
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion
 from fairseq_smoe.models.s2t_lmoe import AUX_KEY
-from fairseq_smoe.task import SpeechToTextSMoETask
 
 BIN = Path(sys.executable).parent
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 
 
 @pytest.fixture(scope="module")
-def task(corpus_dir):
-    parser = argparse.ArgumentParser()
-    SpeechToTextSMoETask.add_args(parser)
-    args = parser.parse_args([str(corpus_dir)])
-    args.seed = 1
-    task = SpeechToTextSMoETask.setup_task(args)
-    task.load_dataset("train")
-    return task
+def task(train_task):
+    return train_task
 
 
 def batches(task, kind: str, n: int = 3):

@@ -11,7 +11,6 @@ it from a device tensor, ``ids.device``) gives a device tensor, as it would on a
 is one transfer, attributed to the innermost frame outside torch: ``fairseq_smoe`` (the plugin) or fairseq.
 """
 
-import argparse
 import pickle
 import traceback
 import weakref
@@ -31,7 +30,6 @@ from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmooth
 from fairseq_smoe.models.s2t_smoe import DECODER_ROUTE_KEY, DECODER_SINGLE_ROUTE_KEY
 from fairseq_smoe.routing import RouteBatch, RoutePlan
 from fairseq_smoe.switch_layer import SwitchLinear
-from fairseq_smoe.task import SpeechToTextSMoETask
 
 T = torch.Tensor
 # host reads of a tensor's values: each waits for the device (bincount and nonzero/unique read sizes or bounds)
@@ -128,14 +126,8 @@ FAIRSEQ_READS_PER_STEP = 3
 
 
 @pytest.fixture(scope="module")
-def task(corpus_dir):
-    parser = argparse.ArgumentParser()
-    SpeechToTextSMoETask.add_args(parser)
-    args = parser.parse_args([str(corpus_dir)])
-    args.seed = 1
-    task = SpeechToTextSMoETask.setup_task(args)
-    task.load_dataset("train")
-    return task
+def task(train_task):
+    return train_task
 
 
 def collated(task, kind: str):

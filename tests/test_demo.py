@@ -239,7 +239,7 @@ def test_time_projection_from_the_training_log():
 
 def test_running_training_logs_and_records_its_projection_then_the_measured_time(tmp_path, caplog):
     c = compare_module()
-    progress = c.Progress(tmp_path, ["a", "b"], 1000)
+    progress = c.Progress(tmp_path, ["a", "b"], 1000, jobs=2)
     seen = []
     script = "; ".join(["import time", f"print({train_line(25, 40)!r}, flush=True)", "time.sleep(0.6)",
                         f"print({train_line(125, 60)!r}, flush=True)", "time.sleep(0.9)"])
@@ -256,6 +256,8 @@ def test_running_training_logs_and_records_its_projection_then_the_measured_time
     doc = json.loads((tmp_path / "progress.json").read_text())
     # b has not started: it counts as long as a
     assert doc["status"] == "projection" and doc["train_seconds_all_systems"] == 470.0
+    assert doc["jobs"] == 2 and doc["wall_seconds_all_systems"] == 235.0  # two systems at a time
+    assert "all 2 systems: 7.8 min of training, about 3.9 min of wall time 2 at a time (projection)" in caplog.text
     assert doc["systems"]["a"]["status"] == "projection"
     assert "a: projected time for 1000 updates: 3.9 min (projection: 0.2 s/update measured over updates 25-125)" \
         in caplog.text

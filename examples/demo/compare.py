@@ -123,10 +123,11 @@ class Progress:
     """``--out/progress.json`` while systems train: each system's time projection (until it is measured whole) and
     the whole run's, labelled ``projection``; results.json then holds the measured times."""
 
-    def __init__(self, out: Path, arches: list, max_update: int):
+    def __init__(self, out: Path, arches: list, max_update: int, jobs: int = 1):
         self.path = out / "progress.json"
         self.arches = arches
         self.max_update = max_update
+        self.jobs = max(1, min(jobs, len(arches)))  # systems trained at once (--jobs): wall time ~ total / jobs
         self.systems = {}
         self.lock = threading.Lock()
 
@@ -139,8 +140,10 @@ class Progress:
             total = sum(known) + (len(self.arches) - len(known)) * (sum(known) / len(known))
             measured = all(e["status"] == "measured" for e in self.systems.values()) and \
                 len(self.systems) == len(self.arches)
+            wall = total / self.jobs
             doc = {"status": "measured" if measured else "projection", "max_update": self.max_update,
-                   "train_seconds_all_systems": round(total, 1), "systems": self.systems,
+                   "train_seconds_all_systems": round(total, 1), "jobs": self.jobs,
+                   "wall_seconds_all_systems": round(wall, 1), "systems": self.systems,
                    "note": "training only (no decoding); a projection is the wall time so far plus the remaining "
                            "updates at the time per update measured so far"}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,9 @@ class Progress:
             logger.info(f"{arch}: projected time for {entry['max_update']} updates: {hours(entry['projected_seconds'])} "
                         f"(projection: {entry['seconds_per_update']} s/update measured over updates "
                         f"{entry['measured_over_updates'][0]}-{entry['measured_over_updates'][1]}); all "
-                        f"{len(self.arches)} systems: {hours(total)} ({'measured' if measured else 'projection'})")
+                        f"{len(self.arches)} systems: {hours(total)} of training"
+                        + (f", about {hours(wall)} of wall time {self.jobs} at a time" if self.jobs > 1 else "")
+                        + f" ({'measured' if measured else 'projection'})")
 
 
 def run_logged(cmd, log_path: Path, threads: int = 0, on_progress=None, poll: Optional[float] = None) -> str:
@@ -573,7 +578,7 @@ def main(argv=None):
                "jobs": args.jobs, "systems": {}}
     start = time.time()
     chosen = [(name, arch) for name, arch in SYSTEMS if arch in wanted]
-    progress = Progress(args.out, [arch for _, arch in chosen], args.max_update)
+    progress = Progress(args.out, [arch for _, arch in chosen], args.max_update, args.jobs)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_system, args, name, arch, subsets, progress) for name, arch in chosen]
         try:

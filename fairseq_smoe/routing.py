@@ -225,15 +225,6 @@ class RoutePlan:
         return f"RoutePlan(encoder={self.encoder.tolist()}, decoder={self.decoder.tolist()})"
 
 
-def single_route_of(ids: torch.Tensor) -> Optional[int]:
-    """The route of a batch whose rows all take one route, else None (one host copy of the ids)."""
-    host = ids.cpu()
-    if host.numel() == 0:
-        return None
-    first = int(host[0])
-    return first if bool((host == first).all()) else None
-
-
 class RouteContext:
     """Holds the routes of the forward pass in flight for the expert layers of one encoder or decoder.
 

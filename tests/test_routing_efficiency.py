@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_smoe import params, routing
+from fairseq_smoe import params
 from fairseq_smoe.expert_layer import GroupedLinear, SMoETransformerEncoderLayer, grouped_linear
 from fairseq_smoe.routing import RouteBatch, RouteContext, RoutingTable
 
@@ -163,11 +163,6 @@ def routing_key():
 
     return DECODER_SINGLE_ROUTE_KEY
 
-
-def test_single_route_helper():
-    assert routing.single_route_of(torch.tensor([2, 2, 2])) == 2
-    assert routing.single_route_of(torch.tensor([2, 0])) is None
-    assert routing.single_route_of(torch.tensor([], dtype=torch.long)) is None
 
 
 def test_grouped_linear_matches_per_expert_linear_maps_and_their_gradients():

@@ -28,7 +28,7 @@ step "4/4 train Base, DecFFNx2, DecS-MoE, EncDecS-MoE and decode every test set 
 cpu_flag=""
 [ "$mode" = quick ] || .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "[demo] full mode wants a GPU; none found, training on the CPU (slow)"; cpu_flag="--cpu"; }
-.venv/bin/python examples/demo/compare.py --data "$data" --out "$out" --preset "$mode" $cpu_flag
+.venv/bin/python -m fairseq_smoe.study.compare --data "$data" --out "$out" --preset "$mode" $cpu_flag
 t3=$(stamp)
 step "done: setup $((t1 - t0)) s, corpus $((t2 - t1)) s, train + decode $((t3 - t2)) s (this run; finished stages were skipped)"
 step "results: $out/results.md, $out/results.json, $out/results.png"

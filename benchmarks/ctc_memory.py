@@ -5,10 +5,10 @@
 
 ``before`` is the scorer of commit 84f9067 (copied below as :class:`PerRowCtcPrefixScorer`): it kept the CTC
 log-probabilities as T x (batch * beam) x V fp32, one copy per hypothesis row, and copied them on every beam reorder
-(``index_select``). ``after`` is :class:`fairseq_smoe.ctc_prefix_score.CtcPrefixScorer`: T x batch x V once, a
+(``index_select``). ``after`` is :class:`fairseq_smoe.decoding.ctc_prefix_score.CtcPrefixScorer`: T x batch x V once, a
 row -> source index that reorders, and per step only the candidate (T x N x K) and blank (T x N) columns.
 
-Both run the call pattern of :class:`~fairseq_smoe.joint_ctc_decoding.JointCtcAttentionEnsemble` inside fairseq's
+Both run the call pattern of :class:`~fairseq_smoe.decoding.joint_ctc.JointCtcAttentionEnsemble` inside fairseq's
 beam search, on the same seeded inputs and choices: build from the CTC log-probs of ``batch`` utterances (lengths
 ``frames`` down to 3/4 of it), expand to ``batch * beam`` rows, then per step ``advance`` (the token the beam chose,
 sometimes one that was no candidate, as ``</s>`` or a forced token), ``score`` of ``K`` candidates per row,
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fairseq_smoe.ctc_prefix_score import CtcPrefixScorer  # noqa: E402
+from fairseq_smoe.decoding.ctc_prefix_score import CtcPrefixScorer  # noqa: E402
 
 NEG_INF = float("-inf")
 

@@ -40,11 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_MODEL_REGISTRY  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
-from fairseq_smoe import params  # noqa: E402  (also registers the models and the criterion)
+from fairseq_smoe.cli import params  # noqa: E402  (also registers the models and the criterion)
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask  # noqa: E402
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion  # noqa
 from fairseq_smoe.prep.common import atomic_path  # noqa: E402
 from fairseq_smoe.routing import RoutePlan, RoutingTable  # noqa: E402
@@ -101,17 +101,7 @@ class Inputs:
                 "id": torch.arange(self.src.size(0))}
 
 
-class _Task:
-    def __init__(self, vocab: int):
-        d = Dictionary()
-        for i in range(vocab - len(d)):
-            d.add_symbol(f"w{i}")
-        self.target_dictionary = d
-        self.tgt_dict = d
-        self.speaker_to_id = None
-
-
-def build_model(system: str, size: str, task: _Task, device, dtype, seed: int = 1):
+def build_model(system: str, size: str, task: DictionaryOnlyTask, device, dtype, seed: int = 1):
     arch = SYSTEMS[system][0] + ARCH_SUFFIX[size]
     args = params.model_args(arch, RoutingTable())
     torch.manual_seed(seed)
@@ -180,7 +170,7 @@ def forward_job(model, inputs: Inputs, pattern: str):
     return run
 
 
-def decode_job(model, test_set: List[Inputs], pattern: str, task: _Task, beam: int, length: int):
+def decode_job(model, test_set: List[Inputs], pattern: str, task: DictionaryOnlyTask, beam: int, length: int):
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=length,
                                   min_len=length)
 
@@ -192,7 +182,7 @@ def decode_job(model, test_set: List[Inputs], pattern: str, task: _Task, beam: i
     return run
 
 
-def train_job(model, inputs: Inputs, pattern: str, task: _Task):
+def train_job(model, inputs: Inputs, pattern: str, task: DictionaryOnlyTask):
     from fairseq.optim.adam import Adam  # the Adam fairseq-train uses without apex
 
     criterion = LabelSmoothedCrossEntropyMoECriterion(task, sentence_avg=False, label_smoothing=0.1,
@@ -228,7 +218,7 @@ def memory_worker(argv: List[str]) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     dtype = DTYPES[a.dtype]
-    task = _Task(VOCAB[a.size])
+    task = DictionaryOnlyTask(VOCAB[a.size])
     model = build_model(a.system, a.size, task, a.device, dtype)
     inputs = Inputs(a.batch, a.frames, a.target_len, VOCAB[a.size], a.device, dtype)
     step = train_job(model, inputs, SYSTEMS[a.system][1], task)
@@ -329,7 +319,7 @@ def cpu_name() -> str:
 
 def bench_size(size: str, device: str, dtype_name: str, cfg) -> Dict:
     dtype = DTYPES[dtype_name]
-    task = _Task(VOCAB[size])
+    task = DictionaryOnlyTask(VOCAB[size])
     models = {name: build_model(name, size, task, device, dtype) for name in ("base", "smoe-1route", "lmoe")}
     models["smoe-mixed"] = models["smoe-1route"]  # one model, two kinds of batches
     for m in models.values():

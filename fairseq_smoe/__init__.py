@@ -1,14 +1,22 @@
 """fairseq_smoe: Supervised Mixture of Experts (S-MoE) speech-to-text as a fairseq ``--user-dir`` plugin.
 
-Importing the package registers the ``speech_to_text_smoe`` task, the ``s2t_smoe`` model and its architectures,
-the allow-list that lets fairseq checkpoints load under torch's ``weights_only`` unpickler (refusing anything
-else with a clear error), and atomic checkpoint copies so that a killed run always resumes.
+The data path, as folders: ``data/`` (manifest -> dataset -> collater with route ids) -> ``routing.py`` (the route
+contract: which expert a row uses, its guiding prefix) -> ``tasks/`` (guiding prefix, validation) -> ``modules/`` and
+``models/`` (routed experts) -> ``decoding/`` (joint CTC/attention search) -> ``scoring/`` (WER, BLEU). Around it:
+``criterions/``, ``checkpoint/`` (safe loading, signatures, atomic copies), ``cli/`` (commands), ``prep/`` (corpora),
+``study/`` (system comparisons).
+
+Importing the package registers the ``speech_to_text_smoe`` task, the ``s2t_smoe`` / ``s2t_lmoe`` models and their
+architectures and the criteria (fairseq's registries), and calls :func:`checkpoint.install` once: the allow-list
+that lets fairseq checkpoints load under torch's ``weights_only`` unpickler (refusing anything else with a clear
+error), and atomic checkpoint copies so that a killed run always resumes.
 """
 
-from . import atomic_checkpoints  # noqa: F401  (checkpoint copies written atomically)
-from . import checkpoint_safety  # noqa: F401  (registers the checkpoint allow-list)
-from . import models  # noqa: F401
-from . import criterions  # noqa: F401  (label_smoothed_cross_entropy_moe)
-from . import task  # noqa: F401
+from . import checkpoint
+from . import criterions  # noqa: F401  (registers the criteria)
+from . import models  # noqa: F401  (registers the models and architectures)
+from . import tasks  # noqa: F401  (registers speech_to_text_smoe)
+
+checkpoint.install()
 
 __version__ = "0.1.0"

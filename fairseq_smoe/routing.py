@@ -13,12 +13,26 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-# The paper sends WB speech to E0 and NB speech to E1.
-DEFAULT_ENCODER_ROUTES: Tuple[str, ...] = ("wb", "nb")
+# The bandwidth labels a row's audio carries (manifest ``bandwidth`` column). The paper sends WB speech to E0 and NB
+# speech to E1: the default encoder routes are the labels in this order.
+BANDWIDTHS: Tuple[str, ...] = ("wb", "nb")
+DEFAULT_ENCODER_ROUTES: Tuple[str, ...] = BANDWIDTHS
 DEFAULT_DECODER_ROUTES: Tuple[str, ...] = ("transcribe", "translate")
 
 # Manifest ``task`` values and the guiding token each puts at the start of the target.
-TASK_TO_GUIDING_TOKEN: Dict[str, str] = {"asr": "transcribe", "st": "translate"}
+ASR_TASK, ST_TASK = "asr", "st"
+TASK_TO_GUIDING_TOKEN: Dict[str, str] = {ASR_TASK: "transcribe", ST_TASK: "translate"}
+
+
+def is_asr_task(task: str) -> bool:
+    """Rows of this manifest ``task`` are scored by WER (and get the auxiliary CTC loss); the others by BLEU."""
+    return task == ASR_TASK
+
+
+def smoe_config(encoder_routes: Sequence[str] = DEFAULT_ENCODER_ROUTES,
+                decoder_routes: Sequence[str] = DEFAULT_DECODER_ROUTES) -> Dict[str, List[str]]:
+    """The ``smoe:`` section of a data directory's ``config.yaml`` (what every prep pipeline writes)."""
+    return {"encoder_routes": list(encoder_routes), "decoder_routes": list(decoder_routes)}
 LANG_TAG_TEMPLATE = "<lang:{}>"
 
 

@@ -36,7 +36,7 @@ def flite_corpus_no_bandwidth(tmp_path_factory, flite_cache) -> dict:
 
 def load_train_task(data_dir):
     """``speech_to_text_smoe`` set up on ``data_dir`` (default flags, seed 1) with its ``train`` split loaded."""
-    from fairseq_smoe.task import SpeechToTextSMoETask
+    from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
 
     parser = argparse.ArgumentParser()
     SpeechToTextSMoETask.add_args(parser)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fairseq.models import ARCH_MODEL_REGISTRY
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.routing import RoutingTable
 
 

@@ -1,6 +1,6 @@
 """A tiny, real English speech corpus (ASR + en->es ST, NB + WB) synthesized with flite, for end-to-end tests.
 
-WB audio is flite's 16 kHz speech; its NB twin goes through :func:`fairseq_smoe.audio.telephone_channel` and is
+WB audio is flite's 16 kHz speech; its NB twin goes through :func:`fairseq_smoe.data.audio.telephone_channel` and is
 stored at 8 kHz. Every clip gives four train rows (asr/st x wb/nb). Dev and test use held-out speakers.
 Building is deterministic and takes a few seconds; ``cache_dir`` keeps flite's output for later builds.
 """
@@ -20,8 +20,8 @@ import soundfile as sf
 import torch
 import yaml
 
-from fairseq_smoe import audio
-from fairseq_smoe.vocab import build_vocab
+from fairseq_smoe.data import audio
+from fairseq_smoe.data.vocab import build_vocab
 
 # (English source text, Spanish translation)
 SENTENCES: List[Tuple[str, str]] = [

@@ -54,7 +54,7 @@ def manifests(out_dir: Path) -> Dict[str, List[Dict[str, str]]]:
 
 def load_split(out_dir: Path, split: str):
     """The split as the plugin's task loads it for training."""
-    from fairseq_smoe.task import SpeechToTextSMoETask
+    from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
 
     parser = argparse.ArgumentParser()
     SpeechToTextSMoETask.add_args(parser)
@@ -95,9 +95,9 @@ def check_frames_and_routes(out_dir: Path, split: str) -> int:
 
 
 def validate(out_dir: Path) -> int:
-    """``python -m fairseq_smoe.validate --check-audio`` (in-process) on the split manifests, then on the
+    """``python -m fairseq_smoe.cli.validate --check-audio`` (in-process) on the split manifests, then on the
     per-task/bandwidth slices (a slice repeats its split's ids, so the two groups are checked apart)."""
-    from fairseq_smoe import validate as v
+    from fairseq_smoe.cli import validate as v
 
     summary = json.loads((Path(out_dir) / "prep.json").read_text())["manifests"]
     tsvs = sorted(Path(out_dir).glob("*.tsv"))
@@ -138,8 +138,8 @@ def train_step(out_dir: Path, split: str):
     import torch
     import torch.nn.functional as F
 
-    from fairseq_smoe import params
-    from fairseq_smoe.expert_layer import ExpertLinear
+    from fairseq_smoe.cli import params
+    from fairseq_smoe.modules.expert_layer import ExpertLinear
 
     torch.manual_seed(0)
     task, ds = load_split(out_dir, split)

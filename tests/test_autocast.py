@@ -12,8 +12,8 @@ import torch
 
 from fairseq.models import ARCH_MODEL_REGISTRY
 
-from fairseq_smoe import params
-from fairseq_smoe.expert_layer import ExpertLinear
+from fairseq_smoe.cli import params
+from fairseq_smoe.modules.expert_layer import ExpertLinear
 from fairseq_smoe.routing import RoutingTable
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -146,7 +146,7 @@ def test_mixed_batch_rows_equal_each_row_alone_under_autocast(device):
 def test_the_learned_gates_router_stays_fp32_under_autocast(device):
     """F.linear would be cast to bf16 by autocast even on fp32 inputs: the router opts out, so its probabilities
     (which scale the expert output and train the router) are the fp32 ones, and so is the choice of expert."""
-    from fairseq_smoe.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
+    from fairseq_smoe.modules.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
 
     torch.manual_seed(0)
     state = SwitchState(4, 2.0, 2.0, AuxLossCollector())

@@ -1,5 +1,5 @@
 """Every kind of bad input gets an error naming the manifest, row and file, from the dataset (training and decoding)
-and from ``python -m fairseq_smoe.validate`` (which lists them all in one pass); ``--skip-bad-samples`` skips, counts
+and from ``python -m fairseq_smoe.cli.validate`` (which lists them all in one pass); ``--skip-bad-samples`` skips, counts
 and reports instead, and the default stops."""
 
 import os
@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from fairseq_smoe.audio import AudioError, num_fbank_frames
-from fairseq_smoe.config import ConfigError
-from fairseq_smoe.dataset import ManifestError
+from fairseq_smoe.data.audio import AudioError, num_fbank_frames
+from fairseq_smoe.data.config import ConfigError
+from fairseq_smoe.data.dataset import ManifestError
 from test_dataset import TEXT, make_task, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_skip_bad_samples_skips_counts_and_keeps_the_rest(data, caplog):
 
 
 def run_validate(*args):
-    return subprocess.run([sys.executable, "-m", "fairseq_smoe.validate", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.validate", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 

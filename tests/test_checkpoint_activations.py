@@ -14,7 +14,7 @@ import torch
 
 from fairseq.models import ARCH_MODEL_REGISTRY
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion
 from fairseq_smoe.models.s2t_lmoe import AUX_KEY
 

@@ -1,4 +1,4 @@
-"""The best constant hypothesis: the floor a model that ignores the audio reaches (examples/demo/constant_baseline.py)."""
+"""The best constant hypothesis: the floor a model that ignores the audio reaches (fairseq_smoe.study.constant_baseline)."""
 
 import subprocess
 import sys
@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples/demo"))
-import constant_baseline  # noqa: E402
+from fairseq_smoe.study import constant_baseline
 
 TRAIN = ["this package contains the library", "this package contains documentation", "press one to accept"]
 
@@ -50,7 +48,7 @@ def test_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"train\.tsv: no training targets in language 'es'"):
         constant_baseline.for_test_set(tmp_path, "test_x_es_st_wb", train)
     (tmp_path / "test_y_asr_wb.tsv").write_text(header + "u3\tc.wav\t10\thello you\ts\tasr\ten\ten\twb\n")
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/constant_baseline.py"), "--data",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.constant_baseline", "--data",
                            str(tmp_path), "test_y_asr_wb"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert '"hypothesis": "hello"' in proc.stdout and '"score": 50.0' in proc.stdout
@@ -64,9 +62,9 @@ def test_best_constant_cer_counts_characters_and_spaces():
 
 
 def test_cer_stats_and_ctc_greedy_path():
-    from fairseq_smoe.evaluation import cer_stats
+    from fairseq_smoe.scoring.evaluation import cer_stats
     import torch
-    import ctc_greedy
+    from fairseq_smoe.study import ctc_greedy
 
     assert cer_stats(["Press, one!", ""], ["press one", "ab"]) == {"_cer_errors": 0 + 2, "_cer_chars": 9 + 2}
     # best path per frame: 2 2 0 3 3 0 0 2 -> collapse repeats -> 2 0 3 0 2 -> drop blank 0 -> 2 3 2; frames past

@@ -12,7 +12,7 @@ import torch
 
 from fairseq import checkpoint_utils
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_asr_ctc import LabelSmoothedCrossEntropyAsrCtcCriterion
 from fairseq_smoe.routing import RoutingTable
 from test_dataset import ROWS, make_task, write_corpus
@@ -127,7 +127,7 @@ def test_fairseq_train_with_ctc_then_generate_and_export(corpus_dir, tmp_path):
     assert re.search(r"WER: [\d.]+", log)
 
     dense = tmp_path / "dense.pt"
-    run([sys.executable, "-m", "fairseq_smoe.export", "--checkpoint", ckpt, "--encoder-route", "wb",
+    run([sys.executable, "-m", "fairseq_smoe.cli.export", "--checkpoint", ckpt, "--encoder-route", "wb",
          "--decoder-route", "transcribe", "--out", dense], cwd=tmp_path)
     exported = checkpoint_utils.load_checkpoint_to_cpu(str(dense))
     assert not any(k.startswith("encoder.ctc_proj") for k in exported["model"])

@@ -9,10 +9,10 @@ import soundfile as sf
 import torch
 import yaml
 
-from fairseq_smoe.audio import num_fbank_frames
-from fairseq_smoe.dataset import ManifestError
-from fairseq_smoe.task import SpeechToTextSMoETask
-from fairseq_smoe.vocab import build_vocab
+from fairseq_smoe.data.audio import num_fbank_frames
+from fairseq_smoe.data.dataset import ManifestError
+from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
+from fairseq_smoe.data.vocab import build_vocab
 
 TEXT = {
     "en": ["the cat sits on the mat", "good morning to you", "where is the station", "i like green tea"],
@@ -169,7 +169,7 @@ def test_force_task_decodes_an_asr_set_as_st(corpus):
 
 def test_generator_strips_guiding_tokens(corpus):
     task = make_task(corpus)
-    from fairseq_smoe import params
+    from fairseq_smoe.cli import params
     from fairseq_smoe.routing import RoutingTable
 
     model = params.ARCH_MODEL_REGISTRY["s2t_dec_smoe_xs"].build_model(
@@ -225,7 +225,7 @@ def test_batching_keeps_every_sample_whatever_the_batch_multiple(tmp_path):
 
 def test_global_cmvn_and_specaugment_come_from_config_transforms(tmp_path):
     """fairseq's own S2T feature transforms apply: global CMVN everywhere, SpecAugment on train splits only."""
-    from fairseq_smoe import audio
+    from fairseq_smoe.data import audio
 
     write_corpus(tmp_path, ROWS[:2])
     mean, std = np.full(80, 3.0, dtype=np.float32), np.full(80, 2.0, dtype=np.float32)

@@ -1,4 +1,4 @@
-"""The demo pipeline (examples/demo/compare.py) on the offline corpus fixture: four systems trained with
+"""The demo pipeline (fairseq_smoe.study.compare) on the offline corpus fixture: four systems trained with
 fairseq-train for a few updates, test sets decoded with fairseq-generate, results.json/md/png written; a rerun
 skips everything finished."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_smoe.evaluation import cer_stats
+from fairseq_smoe.scoring.evaluation import cer_stats
 from test_offline_corpus import build_fixture, prep_args, read_tsv, run_prep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ TEST_SETS = ["test_real_asr_nb", "test_real_es_st_nb", "test_synth_asr_wb"]
 
 def compare(data: Path, out: Path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+    return subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--test-sets", ",".join(TEST_SETS)],
                           capture_output=True, text=True, env=env, timeout=1800)
 
@@ -92,8 +92,7 @@ def test_markdown_table_rows_and_columns(demo):
     assert rows == SYSTEMS + ["*empty hypothesis*", "*best constant hypothesis*", "*utterances*"]
     assert "| *empty hypothesis* | | 100.0 | 100.0 |" in asr
     # the constant-hypothesis floor is recomputed here from the manifests, independently of compare.py
-    sys.path.insert(0, str(REPO / "examples/demo"))
-    import constant_baseline
+    from fairseq_smoe.study import constant_baseline
 
     train = read_tsv(data / "train.tsv")
     expected = {s: constant_baseline.for_test_set(data, s, train) for s in TEST_SETS}
@@ -139,11 +138,11 @@ def test_rerun_skips_finished_training_and_decoding(demo):
 
 def test_changed_settings_are_refused(demo, tmp_path):
     data, out, _ = demo
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--max-update", "5", "--systems", "s2t_smoke_base"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--systems: unknown ['s2t_smoke_base']" in proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--max-update", "5", "--systems", "s2t_smoe_base"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "holds a system trained with other settings" in proc.stderr
@@ -153,7 +152,7 @@ def test_parallel_jobs_train_and_decode_each_system(demo, tmp_path):
     data, _, _ = demo
     out = tmp_path / "exp"
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--jobs", "2", "--systems", "s2t_smoe_base,s2t_dec_smoe",
                            "--test-sets", "test_real_asr_nb"], capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,14 +160,14 @@ def test_parallel_jobs_train_and_decode_each_system(demo, tmp_path):
     assert results["jobs"] == 2 and list(results["systems"]) == ["Base", "DecS-MoE"]
     for arch in ("s2t_smoe_base", "s2t_dec_smoe"):
         assert (out / arch / "DONE").exists() and (out / arch / "decode" / "test_real_asr_nb.json").exists()
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/compare.py"), "--data", str(data), "--out",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--data", str(data), "--out",
                            str(out), "--preset", "smoke", "--jobs", "0"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--jobs 0: must be at least 1" in proc.stderr
 
 
 def test_ctc_greedy_refuses_an_st_test_set(demo):
     data, out, _ = demo
-    proc = subprocess.run([sys.executable, str(REPO / "examples/demo/ctc_greedy.py"), "--path",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.ctc_greedy", "--path",
                            str(out / "s2t_smoe_base" / "checkpoint_last.pt"), "--data", str(data), "--subset",
                            "test_real_es_st_nb", "--cpu"], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
@@ -178,12 +177,9 @@ def test_ctc_greedy_refuses_an_st_test_set(demo):
 # --- GPU defaults of the full preset and the time projection (no training: compare.py's functions directly) ---
 
 def compare_module():
-    import importlib.util
+    from fairseq_smoe.study import compare
 
-    spec = importlib.util.spec_from_file_location("compare_demo", REPO / "examples/demo/compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compare
 
 
 def train_line(updates: int, wall: int) -> str:

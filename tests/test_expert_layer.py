@@ -9,8 +9,8 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayer
 from fairseq.sequence_generator import EnsembleModel
 
-from fairseq_smoe import params
-from fairseq_smoe.expert_layer import ExpertLinear, SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
+from fairseq_smoe.cli import params
+from fairseq_smoe.modules.expert_layer import ExpertLinear, SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
 from fairseq_smoe.routing import RouteContext, RoutingTable
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from fairseq import checkpoint_utils
 
-from fairseq_smoe import export
+from fairseq_smoe.cli import export
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -58,7 +58,7 @@ def test_stock_fairseq_generate_on_the_export_gives_the_plugins_hypotheses(smoe_
                                                                            subset, scoring):
     work, ckpt = smoe_checkpoint
     out, data = work / f"dense_{enc}_{dec}.pt", work / f"data_{enc}_{dec}"
-    _, log = run([sys.executable, "-m", "fairseq_smoe.export", "--checkpoint", ckpt, "--encoder-route", enc,
+    _, log = run([sys.executable, "-m", "fairseq_smoe.cli.export", "--checkpoint", ckpt, "--encoder-route", enc,
                   "--decoder-route", dec, "--out", out, "--data", corpus_dir, "--subsets", subset,
                   "--out-data", data], cwd=work)
     assert f"wrote {out}: s2t_transformer" in log and f"{subset} (8 rows)" in log
@@ -104,7 +104,7 @@ def test_exported_weights_are_the_chosen_experts(smoe_checkpoint):
 
 def test_unknown_or_missing_route_is_a_clear_error(smoe_checkpoint):
     work, ckpt = smoe_checkpoint
-    proc, log = run([sys.executable, "-m", "fairseq_smoe.export", "--checkpoint", ckpt, "--encoder-route", "sb",
+    proc, log = run([sys.executable, "-m", "fairseq_smoe.cli.export", "--checkpoint", ckpt, "--encoder-route", "sb",
                      "--decoder-route", "transcribe", "--out", work / "x.pt"], cwd=work, check=False)
     assert proc.returncode == 2
     assert "--encoder-route 'sb' is not one of the checkpoint's encoder routes ['wb', 'nb']" in proc.stderr

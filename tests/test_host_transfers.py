@@ -25,11 +25,11 @@ from fairseq import utils as fairseq_utils
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion
 from fairseq_smoe.models.s2t_smoe import DECODER_ROUTE_KEY, DECODER_SINGLE_ROUTE_KEY
 from fairseq_smoe.routing import RouteBatch, RoutePlan
-from fairseq_smoe.switch_layer import SwitchLinear
+from fairseq_smoe.modules.switch_layer import SwitchLinear
 
 T = torch.Tensor
 # host reads of a tensor's values: each waits for the device (bincount and nonzero/unique read sizes or bounds)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_smoe.ctc_prefix_score import CtcPrefixScorer
-from fairseq_smoe.joint_ctc_decoding import JointCtcAttentionEnsemble
+from fairseq_smoe.decoding.ctc_prefix_score import CtcPrefixScorer
+from fairseq_smoe.decoding.joint_ctc import JointCtcAttentionEnsemble
 from test_ctc import batch_of, build
 from test_dataset import ROWS, make_task, write_corpus
 

@@ -13,9 +13,9 @@ import torch
 
 from fairseq.models import ARCH_MODEL_REGISTRY
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.routing import RoutingTable
-from fairseq_smoe.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
+from fairseq_smoe.modules.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent

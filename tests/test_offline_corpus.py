@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fairseq_smoe import audio
+from fairseq_smoe.data import audio
 from fairseq_smoe.prep import offline, offline_sources, offline_text, offline_tts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def test_prep_writes_every_manifest_config_and_vocab(corpus):
     for tok in ("<transcribe>", "<translate>", "<lang:en>", "<lang:es>", "<lang:de>"):
         assert f"{tok} 1" in spm
     # the project's own manifest validator accepts every split (it decodes every audio file)
-    v = subprocess.run([sys.executable, "-m", "fairseq_smoe.validate", "--check-audio",
+    v = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.validate", "--check-audio",
                         *[str(out / f"{n}.tsv") for n in sorted(names)]], capture_output=True, text=True, cwd=str(REPO))
     assert v.returncode == 0, f"{v.stdout[-2000:]}{v.stderr[-2000:]}"
     assert "audio batches" in proc.stderr  # progress is logged

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 
 PAPER = {  # arch: (total M, active M for every route pair)
     "s2t_smoe_base": (107.05, 107.05),
@@ -51,12 +51,12 @@ def test_three_routes_mean_three_experts():
 def test_cli_prints_json():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "fairseq_smoe.params", "--arch", "s2t_encdec_smoe", "--vocab-size", "40000"],
+        [sys.executable, "-m", "fairseq_smoe.cli.params", "--arch", "s2t_encdec_smoe", "--vocab-size", "40000"],
         cwd=root, capture_output=True, text=True, check=True,
     )
     result = json.loads(out.stdout)
     assert result["total_M"] == 144.84
     assert result["active_M"] == {k: 107.05 for k in result["active"]}
-    bad = subprocess.run([sys.executable, "-m", "fairseq_smoe.params", "--arch", "nope"], cwd=root,
+    bad = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.params", "--arch", "nope"], cwd=root,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown --arch 'nope'" in bad.stderr

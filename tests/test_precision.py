@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from fairseq import optim, utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
 
-from fairseq_smoe.config import ConfigError
+from fairseq_smoe.data.config import ConfigError
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_asr_ctc import LabelSmoothedCrossEntropyAsrCtcCriterion
-from fairseq_smoe.task import SpeechToTextSMoETask
+from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
 from test_ctc import batch_of, build
 from test_dataset import ROWS, make_task, write_corpus
 
@@ -97,7 +97,7 @@ def test_amp_runs_training_validation_and_decoding_under_autocast(task_and_data,
                             "optimizer": {"_name": "sgd", "lr": [0.1], "momentum": 0.0, "weight_decay": 0.0}})
     amp_optimizer = AMPOptimizer.build_optimizer(cfg, list(model.parameters()))
     seen, _ = record_dtypes(model)
-    with caplog.at_level("INFO", logger="fairseq_smoe.task"):
+    with caplog.at_level("INFO", logger="fairseq_smoe.tasks.speech_to_text_smoe"):
         task.train_step(sample, model, criterion, amp_optimizer, 0)
         assert set(seen["conv"]) == {expected} and set(seen["logits"]) == {expected}
         # master weights and their gradients stay fp32
@@ -131,7 +131,7 @@ def test_precision_flags_are_checked_when_the_task_is_set_up(task_and_data, monk
     with pytest.raises(ConfigError, match=r"--amp-dtype bfloat16 takes effect with --amp only: add --amp"):
         SpeechToTextSMoETask.setup_task(args)
     # a GPU without bf16 hardware (before Ampere): named, with what to use there
-    import fairseq_smoe.task as task_module
+    import fairseq_smoe.tasks.speech_to_text_smoe as task_module
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(task_module, "_cuda_has_native_bf16", lambda: False)

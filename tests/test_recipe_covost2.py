@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fairseq_smoe import audio
+from fairseq_smoe.data import audio
 from fairseq_smoe.prep import covost2
 from recipe_helpers import SENTENCES, check_frames_and_routes, manifests, run_recipe, say, validate
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_smoe.atomic_checkpoints import atomic_copy
+from fairseq_smoe.checkpoint.atomic import atomic_copy
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -101,7 +101,7 @@ def test_a_killed_copy_never_leaves_a_partial_checkpoint(tmp_path):
     old.write_bytes(old_bytes)
     new.write_bytes(new_bytes)
     atomic_copy(str(old), str(dst))
-    code = (f"from fairseq_smoe.atomic_checkpoints import atomic_copy\n"
+    code = (f"from fairseq_smoe.checkpoint.atomic import atomic_copy\n"
             f"while True: atomic_copy({str(new)!r}, {str(dst)!r}, overwrite=True); "
             f"atomic_copy({str(old)!r}, {str(dst)!r}, overwrite=True)\n")
     rng = random.Random(1)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_smoe.config import ConfigError, SMoEDataConfig
+from fairseq_smoe.data.config import ConfigError, SMoEDataConfig
 from fairseq_smoe.routing import RouteBatch, RouteContext, RoutePlan, RoutingTable
 
 

@@ -8,8 +8,8 @@ from torch.overrides import TorchFunctionMode
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_smoe import params
-from fairseq_smoe.expert_layer import GroupedLinear, SMoETransformerEncoderLayer, grouped_linear
+from fairseq_smoe.cli import params
+from fairseq_smoe.modules.expert_layer import GroupedLinear, SMoETransformerEncoderLayer, grouped_linear
 from fairseq_smoe.routing import RouteBatch, RouteContext, RoutingTable
 
 GATHER_SCATTER = {"index_select", "index_copy_", "index_copy", "gather", "scatter", "scatter_", "index_put_",

@@ -18,7 +18,9 @@ from fairseq import optim
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from fairseq.logging import metrics
 
-from fairseq_smoe import checkpoint_safety, evaluation, params
+from fairseq_smoe.checkpoint import safety as checkpoint_safety
+from fairseq_smoe.cli import params
+from fairseq_smoe.scoring import evaluation
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_asr_ctc import LabelSmoothedCrossEntropyAsrCtcCriterion
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion
 from fairseq_smoe.routing import RoutingTable

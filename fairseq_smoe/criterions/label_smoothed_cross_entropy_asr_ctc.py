@@ -10,7 +10,7 @@ as in fairseq's ``ctc`` criterion.
 
 The CTC projection is fairseq's own ``S2TTransformerEncoder.ctc_proj``, built when ``--ctc-weight`` > 0. Plain
 decoding, exported models and active-parameter counts leave it out; joint CTC/attention decoding
-(``--ctc-decode-weight``, :mod:`fairseq_smoe.joint_ctc_decoding`) uses it.
+(``--ctc-decode-weight``, :mod:`fairseq_smoe.decoding.joint_ctc`) uses it.
 """
 
 import math

@@ -26,7 +26,7 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from ..switch_layer import (
+from ..modules.switch_layer import (
     AuxLossCollector,
     SwitchLinear,
     SwitchState,

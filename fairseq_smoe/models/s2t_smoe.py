@@ -30,7 +30,7 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 from fairseq.models.speech_to_text.s2t_transformer import base_architecture as s2t_base_architecture
 from fairseq.models.transformer import TransformerConfig
 
-from ..expert_layer import SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
+from ..modules.expert_layer import SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
 from ..routing import (
     DEFAULT_DECODER_ROUTES,
     DEFAULT_ENCODER_ROUTES,

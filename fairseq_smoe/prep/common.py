@@ -18,8 +18,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from .. import audio
-from ..vocab import build_vocab
+from ..data import audio
+from ..data.vocab import build_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
   16 kHz G.722 = real WB, English transcripts and Spanish translations.
 * Human parallel text: Debian package-description translations aligned sentence by sentence (:mod:`.offline_text`).
 * Synthetic speakers reading the English side: flite, festival and piper voices (:mod:`.offline_tts`); WB at 16 kHz,
-  NB through a simulated telephone line (300-3400 Hz, 8 kHz, G.711 mu-law, :func:`fairseq_smoe.audio.telephone_channel`).
+  NB through a simulated telephone line (300-3400 Hz, 8 kHz, G.711 mu-law, :func:`fairseq_smoe.data.audio.telephone_channel`).
 * Splits: synthetic train/dev speakers and test speakers are different people, and no English sentence of a test set
   is in train or dev. The real test set is Asterisk prompts held out from training (same single speaker).
 * Every NB clip is checked to have no energy above 4 kHz (``spectrum.json``).
@@ -31,8 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import audio
-from . import common, offline_sources, offline_text, offline_tts
+from ..data import audio
+from . import common
+from . import offline_sources
+from . import offline_text
+from . import offline_tts
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .. import audio
+from ..data import audio
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
 Audio the plugin reads as it is (mono ``.wav``/``.flac``/``.ogg`` at 8-48 kHz, whole files) is referenced in place
 by absolute path, never copied. Everything else is written as 16-bit audio: segments cut out of long recordings
 (MuST-C talks), compressed formats the plugin does not read (Common Voice mp3), and the NB copies of WB audio
-(300-3400 Hz, 8 kHz, G.711 mu-law; :func:`fairseq_smoe.audio.telephone_channel`). Audio, not fbank features, is
+(300-3400 Hz, 8 kHz, G.711 mu-law; :func:`fairseq_smoe.data.audio.telephone_channel`). Audio, not fbank features, is
 stored because the plugin computes features on the fly: the encoder is routed by the audio's bandwidth, and the
 ``spectral`` bandwidth detection and any feature setting keep working. WB audio above 16 kHz is written at 16 kHz,
 the rate features are computed at: nothing is lost, and a 48 kHz source takes a third of the disk.
@@ -31,9 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import audio
+from ..data import audio
 from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, TASK_TO_GUIDING_TOKEN, RoutingTable
-from ..vocab import guiding_tokens
+from ..data.vocab import guiding_tokens
 from .common import (
     MANIFEST_COLUMNS,
     atomic_path,

@@ -107,7 +107,7 @@ t=$(date +%s)
 rc[corpus]=0
 # two groups: dev and test share ids on purpose (the same held-out clips), which one call would flag as duplicates
 for group in "train.tsv dev.tsv" "test_*.tsv"; do
-  (cd "$B/corpus" && "$VP" -m fairseq_smoe.validate $group --config config.yaml --check-audio) \
+  (cd "$B/corpus" && "$VP" -m fairseq_smoe.cli.validate $group --config config.yaml --check-audio) \
     >>"$R/corpus_check.log" 2>&1 || rc[corpus]=1
 done
 secs[corpus]=$(( $(date +%s) - t ))

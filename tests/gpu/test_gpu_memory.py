@@ -9,12 +9,12 @@ skips the measurement, which only CUDA's allocator counters give."""
 import pytest
 import torch
 
-from fairseq.data import Dictionary
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_smoe import params
-from fairseq_smoe.joint_ctc_decoding import JointCtcAttentionEnsemble
+from fairseq_smoe.cli import params
+from fairseq_smoe.decoding.joint_ctc import JointCtcAttentionEnsemble
 from fairseq_smoe.routing import RoutingTable, guiding_token, lang_tag
 from gpu_helpers import CUDA_ONLY, record
 
@@ -24,15 +24,9 @@ SIZES = {  # vocabulary, utterances, fbank frames (10 ms), beam, decoder steps
 }
 
 
-class _Task:
-    def __init__(self, vocab: int):
-        d = Dictionary()
-        for s in (guiding_token("transcribe"), guiding_token("translate"), lang_tag("en"), lang_tag("es")):
-            d.add_symbol(s)
-        for i in range(vocab - len(d)):
-            d.add_symbol(f"w{i}")
-        self.target_dictionary = d
-        self.speaker_to_id = None
+def _Task(vocab: int) -> DictionaryOnlyTask:
+    return DictionaryOnlyTask(
+        vocab, [guiding_token("transcribe"), guiding_token("translate"), lang_tag("en"), lang_tag("es")])
 
 
 def test_joint_ctc_decoding_keeps_ctc_scores_per_source_utterance(device):

@@ -10,7 +10,7 @@ import torch
 
 from fairseq.models import ARCH_MODEL_REGISTRY
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.routing import RoutingTable
 from gpu_helpers import NO_BF16, native_bf16, record
 

@@ -17,9 +17,9 @@ import torch
 from fairseq import utils
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
-from fairseq_smoe import params
+from fairseq_smoe.cli import params
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion
-from fairseq_smoe.task import SpeechToTextSMoETask
+from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
 from gpu_helpers import CUDA_ONLY, record
 
 LAYERS = dict(encoder_layers=2, decoder_layers=1)

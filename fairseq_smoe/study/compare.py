@@ -1,6 +1,6 @@
 """Train the paper's four systems on one data dir, decode every test set, and tabulate WER/BLEU.
 
-    python examples/demo/compare.py --data data/offline_quick --out exp/demo_quick --preset quick
+    python -m fairseq_smoe.study.compare --data data/offline_quick --out exp/demo_quick --preset quick
 
 Systems (same data, same updates, same seed): Base (hard sharing), DecFFNx2, DecS-MoE, EncDecS-MoE. Each is
 trained with ``fairseq-train`` and every ``test_<name>_<asr|st>_<nb|wb>.tsv`` is decoded with ``fairseq-generate``
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[2]
-PLUGIN = REPO / "fairseq_smoe"
+PLUGIN = Path(__file__).resolve().parents[1]  # the fairseq_smoe package: --user-dir
+REPO = PLUGIN.parent
 SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE", "s2t_dec_smoe"),
            ("EncDecS-MoE", "s2t_encdec_smoe")]
 TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
@@ -311,7 +311,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
 
 def log_cer(log: str) -> float:
     """Character error rate of a fairseq-generate log's detokenized hypotheses (D-) against its references (T-)."""
-    from fairseq_smoe.evaluation import cer_stats, wer_from_sums
+    from fairseq_smoe.scoring.evaluation import cer_stats, wer_from_sums
 
     refs = dict(re.findall(r"^T-(\d+)\t(.*)$", log, re.M))
     hyps = {k: h for k, _, h in re.findall(r"^D-(\d+)\t([^\t]*)\t(.*)$", log, re.M)}
@@ -320,11 +320,11 @@ def log_cer(log: str) -> float:
 
 
 def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
-    """Greedy CTC decoding with the model's CTC head (examples/demo/ctc_greedy.py): what the encoder hears."""
+    """Greedy CTC decoding with the model's CTC head (:mod:`fairseq_smoe.study.ctc_greedy`): what the encoder hears."""
     result_file = out_dir / f"{subset}.ctc.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "ctc_greedy.py"), "--path", str(ckpt),
+    cmd = [sys.executable, "-m", "fairseq_smoe.study.ctc_greedy", "--path", str(ckpt),
            "--data", str(args.data), "--subset", subset, "--out", str(out_dir / f"{subset}.ctc.tsv")]
     if args.cpu:
         cmd.append("--cpu")
@@ -336,7 +336,7 @@ def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
 
 def parameter_counts(arch: str, data: Path) -> dict:
     vocab = sum(1 for line in open(data / "spm.txt", encoding="utf-8") if line.strip()) + 4
-    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.params", "--arch", arch, "--vocab-size", str(vocab)],
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.params", "--arch", arch, "--vocab-size", str(vocab)],
                           capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode != 0:
         return {}
@@ -432,7 +432,7 @@ def cer_table(results: dict, cols: list) -> list:
 
 def constant_hypotheses(data: Path, subsets: list) -> dict:
     """Per test set, the best constant hypothesis drawn from the training targets (:mod:`constant_baseline`)."""
-    import constant_baseline  # next to this script
+    from . import constant_baseline
 
     train = constant_baseline.read_manifest(str(data / "train.tsv"))
     return {s: constant_baseline.for_test_set(data, s, train) for s in subsets}

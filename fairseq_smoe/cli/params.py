@@ -1,6 +1,6 @@
 """Count total and active (per route) parameters of a registered architecture, without data or a checkpoint.
 
-    python -m fairseq_smoe.params --arch s2t_encdec_smoe --vocab-size 40000
+    python -m fairseq_smoe.cli.params --arch s2t_encdec_smoe --vocab-size 40000
 
 prints JSON: ``total`` (every weight trained) and, for each (encoder route, decoder route) pair, ``active`` (the
 weights one sample of that route pair runs through: shared weights plus one expert per S-MoE layer).
@@ -14,23 +14,12 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
-from .expert_layer import ExpertLinear
-from .routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable
-from .switch_layer import SwitchLinear
-
-
-class _DictionaryOnlyTask:
-    """What ``build_model`` asks of a task when counting parameters."""
-
-    def __init__(self, vocab_size: int):
-        d = Dictionary()  # 4 specials
-        for i in range(vocab_size - len(d)):
-            d.add_symbol(f"w{i}")
-        self.target_dictionary = d
-        self.speaker_to_id = None
+from ..modules.expert_layer import ExpertLinear
+from ..tasks.dictionary_only import DictionaryOnlyTask
+from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable
+from ..modules.switch_layer import SwitchLinear
 
 
 def model_args(arch: str, table: RoutingTable, overrides: Optional[Dict] = None) -> argparse.Namespace:
@@ -57,7 +46,7 @@ def build(arch: str, vocab_size: int, table: Optional[RoutingTable] = None, over
     table = table or RoutingTable(DEFAULT_ENCODER_ROUTES, DEFAULT_DECODER_ROUTES)
     args = model_args(arch, table, overrides)
     with torch.device("meta"):  # shapes only: no memory, no init time
-        return ARCH_MODEL_REGISTRY[arch].build_model(args, _DictionaryOnlyTask(vocab_size))
+        return ARCH_MODEL_REGISTRY[arch].build_model(args, DictionaryOnlyTask(vocab_size))
 
 
 def count(model: nn.Module, table: Optional[RoutingTable] = None) -> Dict:
@@ -98,7 +87,7 @@ def main(argv=None):
     p.add_argument("--encoder-routes", default=",".join(DEFAULT_ENCODER_ROUTES))
     p.add_argument("--decoder-routes", default=",".join(DEFAULT_DECODER_ROUTES))
     a = p.parse_args(argv)
-    from . import models  # noqa: F401  registers the architectures
+    from .. import models  # noqa: F401  registers the architectures
 
     table = RoutingTable(a.encoder_routes, a.decoder_routes)
     try:

@@ -26,7 +26,7 @@ from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset, Speec
 
 from . import audio
 from .config import SMoEDataConfig
-from .routing import TASK_TO_GUIDING_TOKEN, RoutePlan, RoutingTable, guiding_token, lang_tag
+from ..routing import TASK_TO_GUIDING_TOKEN, RoutePlan, RoutingTable, guiding_token, lang_tag
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class ParsedRow:
 class RowChecker:
     """Turns manifest rows into :class:`ParsedRow` s, or into the list of everything wrong with them.
 
-    Shared by the dataset (which stops at the first bad row) and ``python -m fairseq_smoe.validate`` (which lists
+    Shared by the dataset (which stops at the first bad row) and ``python -m fairseq_smoe.cli.validate`` (which lists
     every problem of every row in one pass).
     """
 
@@ -331,7 +331,7 @@ class RowChecker:
                     if idx == self.tgt_dict.unk():
                         problems.append(
                             f"guiding token {sym} is not in the dictionary; rebuild the vocabulary with "
-                            f"fairseq_smoe.vocab (it adds <transcribe>, <translate> and a <lang:xx> per language)"
+                            f"fairseq_smoe.data.vocab (it adds <transcribe>, <translate> and a <lang:xx> per language)"
                         )
                     prefix.append(idx)
         try:
@@ -419,7 +419,7 @@ class SMoEDatasetCreator:
                     message = f"{where}: " + "; ".join(problems)
                     if not skip_bad_samples:
                         raise ManifestError(
-                            message + f" (python -m fairseq_smoe.validate {path} lists every problem; "
+                            message + f" (python -m fairseq_smoe.cli.validate {path} lists every problem; "
                             f"--skip-bad-samples skips bad rows)"
                         )
                     n_bad += 1
@@ -432,7 +432,7 @@ class SMoEDatasetCreator:
             if n_bad:
                 logger.warning(
                     f"{path}: skipped {n_bad} of {n_rows} rows (--skip-bad-samples); "
-                    f"`python -m fairseq_smoe.validate {path}` lists every problem"
+                    f"`python -m fairseq_smoe.cli.validate {path}` lists every problem"
                 )
             if checker.n_derived > n_derived:
                 logger.info(f"{path}: bandwidth derived from audio ({smoe_cfg.bandwidth_detection}) "

@@ -15,7 +15,7 @@ Unknown keys and wrong types are errors: a typo must not silently fall back to a
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Tuple
 
-from .routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable, parse_route_list
+from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable, parse_route_list
 
 BANDWIDTH_DETECTION = ("rate", "spectral")
 

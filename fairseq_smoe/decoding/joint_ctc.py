@@ -24,7 +24,7 @@ from fairseq import utils
 from fairseq.sequence_generator import EnsembleModel
 
 from .ctc_prefix_score import CtcPrefixScorer
-from .routing import TASK_TO_GUIDING_TOKEN, guiding_token
+from ..routing import TASK_TO_GUIDING_TOKEN, guiding_token
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 
-from . import evaluation, model_signature
-from .config import ConfigError, SMoEDataConfig
-from .dataset import SMoEDatasetCreator
-from .joint_ctc_decoding import JointCtcAttentionEnsemble
-from .routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token
+from ..scoring import evaluation
+from ..checkpoint import signature as model_signature
+from ..data.config import ConfigError, SMoEDataConfig
+from ..data.dataset import SMoEDatasetCreator
+from ..decoding.joint_ctc import JointCtcAttentionEnsemble
+from ..routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         if missing:
             raise ConfigError(
                 f"{Path(args.data) / self.data_cfg.vocab_filename}: guiding token(s) {missing} missing from the "
-                f"dictionary; build it with `python -m fairseq_smoe.vocab` (or add them as SentencePiece "
+                f"dictionary; build it with `python -m fairseq_smoe.data.vocab` (or add them as SentencePiece "
                 f"user-defined symbols)"
             )
         self.guiding_token_ids = {

@@ -6,7 +6,7 @@ better floor than the empty hypothesis on formulaic sets such as package descrip
 ...": a model that learned only the text prior already scores well there). Candidates are the training targets of
 the same target language and every word prefix of them.
 
-    python examples/demo/constant_baseline.py --data data/offline_quick test_synth_asr_nb test_synth_es_st_nb
+    python -m fairseq_smoe.study.constant_baseline --data data/offline_quick test_synth_asr_nb test_synth_es_st_nb
 """
 
 import argparse
@@ -18,8 +18,7 @@ from typing import Dict, List, Sequence
 import editdistance
 import sacrebleu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fairseq_smoe.dataset import read_manifest  # noqa: E402
+from ..data.dataset import read_manifest
 
 BLEU_SHORTLIST = 50  # ST: exact BLEU on the candidates closest to the references by word edit distance
 

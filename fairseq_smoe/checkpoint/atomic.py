@@ -35,5 +35,3 @@ def install() -> None:
     if PathManager.copy is not atomic_copy:
         PathManager.copy = staticmethod(atomic_copy)
 
-
-install()

@@ -19,7 +19,7 @@ checkpoint holding any other global is refused (:class:`UnsafeCheckpointError`, 
 nothing in it runs. A trusted legacy file (e.g. one whose ``cfg`` is a pickled omegaconf ``DictConfig``) is opted in
 explicitly, once, by converting it::
 
-    python -m fairseq_smoe.checkpoint_safety --trust OLD.pt --out NEW.pt
+    python -m fairseq_smoe.checkpoint.safety --trust OLD.pt --out NEW.pt
  ``_reconstruct`` is registered under both its numpy < 2 (``numpy.core``) and numpy >= 2 (``numpy._core``)
 names, because the pickle records the name of the numpy that saved it, not the one that loads it.
 """
@@ -35,7 +35,7 @@ import torch
 
 from fairseq import checkpoint_utils
 
-from . import model_signature
+from . import signature
 
 try:  # numpy >= 2 (1.26 also ships this alias)
     from numpy._core import multiarray as _np_multiarray
@@ -70,7 +70,7 @@ def refusal_message(path: str, detail: str) -> str:
     return (
         f"{path}: refused to load: it holds pickled objects beyond what fairseq checkpoints contain, and "
         f"unpickling them could run code ({reason}). If you made this file or trust where it came from, convert it "
-        f"once with `python -m fairseq_smoe.checkpoint_safety --trust {path} --out CONVERTED.pt` and use the "
+        f"once with `python -m fairseq_smoe.checkpoint.safety --trust {path} --out CONVERTED.pt` and use the "
         f"converted file."
     )
 
@@ -78,7 +78,8 @@ def refusal_message(path: str, detail: str) -> str:
 def _guarded(load):
     @functools.wraps(load)
     def load_checkpoint_to_cpu(path, *args, **kwargs):
-        model_signature._loading["path"] = str(path)  # named by mismatch errors raised while loading weights
+        # fairseq loads the weights into the model after this returns: the signature check names this file then
+        signature.note_checkpoint_path(str(path))
         try:
             return load(path, *args, **kwargs)
         except pickle.UnpicklingError as e:
@@ -112,7 +113,7 @@ def _guarded_broadcast(broadcast_object_slow):
     @functools.wraps(broadcast_object_slow)
     def _broadcast_object_slow(obj, src_rank, group, dist_device):
         if distributed_utils.get_rank(group) == src_rank:
-            broadcast_object_slow(_plain(obj), src_rank, group, dist_device)
+            broadcast_object_slow(plain_containers(obj), src_rank, group, dist_device)
             return obj
         allowed = [placeholder] if placeholder is not None else []
         with torch.serialization.safe_globals(allowed):
@@ -132,7 +133,7 @@ def guard_fairseq_broadcast() -> None:
         distributed_utils._broadcast_object_slow = _guarded_broadcast(slow)
 
 
-def _plain(obj):
+def plain_containers(obj):
     """Containers of plain values from a legacy checkpoint's objects (omegaconf configs become dicts)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -142,18 +143,18 @@ def _plain(obj):
     except ImportError:
         pass
     if isinstance(obj, dict):  # dict or OrderedDict (state dicts), both allowed
-        return type(obj)((k, _plain(v)) for k, v in obj.items())
+        return type(obj)((k, plain_containers(v)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return [plain_containers(v) for v in obj]
     if type(obj) is tuple:  # not its subclasses: a torch.Size (tensor metadata) must stay one
-        return tuple(_plain(v) for v in obj)
+        return tuple(plain_containers(v) for v in obj)
     return obj
 
 
 def convert_trusted(src: str, dst: str) -> None:
     """Load a checkpoint the user vouches for with full unpickling, and write it back in the allow-listed form."""
     state = torch.load(src, map_location="cpu", weights_only=False)  # explicit opt-in: the user said --trust
-    state = _plain(state)
+    state = plain_containers(state)
     tmp = f"{dst}.tmp"
     torch.save(state, tmp)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
@@ -191,9 +192,12 @@ def main(argv=None) -> int:
     return 0
 
 
-register()
-guard_fairseq_loader()
-guard_fairseq_broadcast()
+def install() -> None:
+    """The allow-list, the guarded loader and the guarded broadcast (idempotent)."""
+    register()
+    guard_fairseq_loader()
+    guard_fairseq_broadcast()
 
 if __name__ == "__main__":
+    install()
     sys.exit(main())

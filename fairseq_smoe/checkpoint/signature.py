@@ -20,13 +20,13 @@ from torch import nn
 
 from fairseq.data import Dictionary
 
-from .routing import RoutingTable
+from ..routing import RoutingTable
 
 SIGNATURE_KEY = "smoe_signature"
 EMBED_KEY = "decoder.embed_tokens.weight"
 
-# path of the checkpoint fairseq is loading (set by checkpoint_safety's loader), for error messages
-_loading: Dict[str, Optional[str]] = {"path": None}
+# the checkpoint fairseq loaded last (told by the guarded loader through note_checkpoint_path), for error messages
+_last_loaded: Dict[str, Optional[str]] = {"path": None}
 
 
 class CheckpointMismatchError(ValueError):
@@ -54,8 +54,13 @@ def decode(t: torch.Tensor) -> dict:
     return json.loads(bytes(t.tolist()).decode("utf-8"))
 
 
+def note_checkpoint_path(path: str) -> None:
+    """Remember the file fairseq is loading: its weights reach ``load_state_dict`` (and our check) later."""
+    _last_loaded["path"] = path
+
+
 def _checkpoint_name() -> str:
-    return _loading["path"] or "the checkpoint being loaded"
+    return _last_loaded["path"] or "the checkpoint being loaded"
 
 
 def compare(saved: Optional[dict], own: dict, dict_path: str, embed_rows: Optional[int]) -> None:

@@ -1,6 +1,6 @@
 """Check manifests before training and list every problem in one pass.
 
-    python -m fairseq_smoe.validate DATA/train.tsv DATA/dev.tsv [--config DATA/config.yaml] [--check-audio]
+    python -m fairseq_smoe.cli.validate DATA/train.tsv DATA/dev.tsv [--config DATA/config.yaml] [--check-audio]
 
 Checks the header, ids (duplicates), n_frames, empty targets, task, target language and its ``<lang:xx>`` tag in
 the dictionary, bandwidth and its encoder route, and that every audio file exists. ``--check-audio`` also decodes
@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, SMoEDataConfig
-from .dataset import ManifestError, RowChecker, manifest_base, read_manifest
+from ..data.config import ConfigError, SMoEDataConfig
+from ..data.dataset import ManifestError, RowChecker, manifest_base, read_manifest
 
 
 def load_config(path: Path):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
-from .routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag
+from ..routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The attention decoder of a small model trained for minutes learns the output lan
 condition on the audio; the CTC head (trained by ``label_smoothed_cross_entropy_asr_ctc``) has no such text prior,
 so its character error rate shows whether the encoder has learned to listen at all.
 
-    python examples/demo/ctc_greedy.py --path exp/demo_quick/s2t_smoe_base/checkpoint_best.pt \\
+    python -m fairseq_smoe.study.ctc_greedy --path exp/demo_quick/s2t_smoe_base/checkpoint_best.pt \\
         --data data/offline_quick --subset test_real_asr_nb [--out hyps.tsv] [--cpu]
 """
 
@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from fairseq import checkpoint_utils, utils
 
-from fairseq import checkpoint_utils, utils  # noqa: E402
+from ..decoding.joint_ctc import ctc_log_probs
+from ..scoring.evaluation import cer_stats, wer_from_sums, wer_stats
 
-from fairseq_smoe.evaluation import cer_stats, wer_from_sums, wer_stats  # noqa: E402
-from fairseq_smoe.joint_ctc_decoding import ctc_log_probs  # noqa: E402
+PLUGIN = Path(__file__).resolve().parents[1]  # the fairseq_smoe package: --user-dir
 
 
 def greedy_ids(log_probs: torch.Tensor, length: int, blank: int) -> list:
@@ -33,7 +32,7 @@ def greedy_ids(log_probs: torch.Tensor, length: int, blank: int) -> list:
 
 
 def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int = 20000) -> dict:
-    utils.import_user_module(Namespace(user_dir=str(REPO / "fairseq_smoe")))
+    utils.import_user_module(Namespace(user_dir=str(PLUGIN)))
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [path], arg_overrides={"data": data, "config_yaml": "config.yaml"})
     model = models[0].eval()

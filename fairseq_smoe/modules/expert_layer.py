@@ -23,7 +23,7 @@ from torch import nn
 
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayer
 
-from .routing import RouteContext
+from ..routing import RouteContext
 
 # fairseq layers work on time-major tensors: T x B x C.
 BATCH_DIM = 1

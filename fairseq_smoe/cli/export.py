@@ -1,6 +1,6 @@
 """Export one route pair of an S-MoE checkpoint as a dense, stock fairseq ``s2t_transformer`` checkpoint.
 
-    python -m fairseq_smoe.export --checkpoint exp/encdec_smoe/checkpoint_best.pt \\
+    python -m fairseq_smoe.cli.export --checkpoint exp/encdec_smoe/checkpoint_best.pt \\
         --encoder-route wb --decoder-route transcribe --out dense_wb_asr.pt \\
         [--data DATA --config-yaml config.yaml --subsets test_asr_wb --out-data dense_data]
 
@@ -38,12 +38,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fairseq import checkpoint_utils
-from fairseq.data import Dictionary
 
-from .prep.common import atomic_path, write_manifest
-from .routing import RoutingTable, lang_tag
+from ..prep.common import atomic_path, write_manifest
+from ..routing import RoutingTable, lang_tag
+from ..tasks.dictionary_only import DictionaryOnlyTask
 
-logger = logging.getLogger("fairseq_smoe.export")
+logger = logging.getLogger("fairseq_smoe.cli.export")
 
 # model arguments only this plugin knows; stock s2t_transformer must not see them
 PLUGIN_MODEL_KEYS = ("encoder_smoe", "decoder_smoe", "encoder_routes", "decoder_routes", "user_dir")
@@ -124,7 +124,7 @@ def export_checkpoint(checkpoint: str, encoder_route: Optional[str], decoder_rou
     """Write the dense checkpoint; returns what was exported (routes, parameter count)."""
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    from .models.s2t_smoe import S2TSMoEModel, routing_table_from_args
+    from ..models.s2t_smoe import S2TSMoEModel, routing_table_from_args
 
     if not Path(checkpoint).is_file():
         raise ExportError(f"--checkpoint {checkpoint}: no such file")
@@ -187,13 +187,7 @@ def _check_loads_into_stock_model(args: Namespace, model_state: Dict[str, torch.
     ARCH_CONFIG_REGISTRY["s2t_transformer"](args)
     vocab = model_state["decoder.embed_tokens.weight"].shape[0]
 
-    class _Task:
-        target_dictionary = Dictionary()
-        speaker_to_id = None
-
-    for i in range(vocab - len(_Task.target_dictionary)):
-        _Task.target_dictionary.add_symbol(f"w{i}")
-    model = ARCH_MODEL_REGISTRY["s2t_transformer"].build_model(args, _Task)
+    model = ARCH_MODEL_REGISTRY["s2t_transformer"].build_model(args, DictionaryOnlyTask(vocab))
     try:
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as e:
@@ -218,7 +212,7 @@ def export_data(data: str, config_yaml: str, subsets: List[str], encoder_route: 
     """Write the rows of one route pair as data stock ``speech_to_text`` reads; rows written per subset."""
     from fairseq import options, tasks
 
-    from .routing import TASK_TO_GUIDING_TOKEN, guiding_token
+    from ..routing import TASK_TO_GUIDING_TOKEN, guiding_token
 
     out = Path(out_dir).resolve()
     parser = options.get_generation_parser()
@@ -286,7 +280,7 @@ def _safe_name(utt_id: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fairseq_smoe.export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fairseq_smoe.cli.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="S-MoE checkpoint (fairseq-train output)")
     p.add_argument("--encoder-route", help="encoder route (bandwidth) to keep, e.g. wb; needed with encoder experts")

@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m fairseq_smoe.cli.<name>``): params, validate, export."""

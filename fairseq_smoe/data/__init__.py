@@ -1,0 +1,1 @@
+"""Data: audio reading and bandwidth, config.yaml, manifests and the routed dataset/collater, vocabularies."""

@@ -1,0 +1,1 @@
+"""Scores: WER/CER and BLEU statistics logged in validation and summed across processes."""

@@ -1,0 +1,1 @@
+"""System comparisons: train the paper's systems, decode every test set, tabulate; reference baselines."""

@@ -1,4 +1,4 @@
-"""Audio I/O, features and bandwidth labels (fairseq_smoe.data.audio, dataset.derive_bandwidth), partly on flite speech."""
+"""Audio I/O, features and bandwidth labels (fairseq_smoe.data.audio, manifest.derive_bandwidth), partly on flite speech."""
 
 import re
 import struct
@@ -11,7 +11,7 @@ import yaml
 
 from fairseq_smoe.data import audio
 from fairseq_smoe.data.config import SMoEDataConfig
-from fairseq_smoe.data.dataset import derive_bandwidth, read_manifest
+from fairseq_smoe.data.manifest import derive_bandwidth, read_manifest
 from fairseq_smoe.routing import guiding_token, lang_tag
 from fixture_corpus import HEADER, SENTENCES
 

@@ -15,7 +15,7 @@ import torch
 
 from fairseq_smoe.data.audio import AudioError, num_fbank_frames
 from fairseq_smoe.data.config import ConfigError
-from fairseq_smoe.data.dataset import ManifestError
+from fairseq_smoe.data.manifest import ManifestError
 from test_dataset import TEXT, make_task, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from fairseq_smoe.data.audio import num_fbank_frames
-from fairseq_smoe.data.dataset import ManifestError
+from fairseq_smoe.data.manifest import ManifestError
 from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask
 from fairseq_smoe.data.vocab import build_vocab
 

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fairseq import checkpoint_utils
 
+from ..data.manifest import STOCK_MANIFEST_COLUMNS
 from ..prep.common import atomic_path, write_manifest
 from ..routing import RoutingTable, lang_tag
 from ..tasks.dictionary_only import DictionaryOnlyTask
@@ -52,7 +53,6 @@ EXPERT_KEY = {
     "encoder": re.compile(r"^encoder\.transformer_layers\.\d+\.fc[12]\.(weight|bias)$"),
     "decoder": re.compile(r"^decoder\.layers\.\d+\.fc[12]\.(weight|bias)$"),
 }
-STOCK_MANIFEST_COLUMNS = ["id", "audio", "n_frames", "tgt_text", "speaker", "src_lang", "tgt_lang"]
 
 
 class ExportError(ValueError):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..data.config import ConfigError, SMoEDataConfig
-from ..data.dataset import ManifestError, RowChecker, manifest_base, read_manifest
+from ..data.manifest import ManifestError, RowChecker, manifest_base, read_manifest
 
 
 def load_config(path: Path):

@@ -34,7 +34,7 @@ from ..modules.switch_layer import (
     SwitchTransformerEncoderLayer,
 )
 from .s2t_smoe import (
-    _SIZES,
+    SIZES,
     add_checkpoint_activation_args,
     base_architecture as smoe_base_architecture,
     routing_table_from_args,
@@ -210,14 +210,28 @@ def _variant(encoder: bool, decoder: bool, doc: str):
     return variant
 
 
-_VARIANTS = {
-    "s2t_dec_lmoe": _variant(False, True, "Decoder FFNs are switch-routed experts."),
-    "s2t_enc_lmoe": _variant(True, False, "Encoder FFNs are switch-routed experts."),
-    "s2t_encdec_lmoe": _variant(True, True, "Encoder and decoder FFNs are switch-routed experts."),
+_dec_lmoe = _variant(False, True, "Decoder FFNs are switch-routed experts.")
+_enc_lmoe = _variant(True, False, "Encoder FFNs are switch-routed experts.")
+_encdec_lmoe = _variant(True, True, "Encoder and decoder FFNs are switch-routed experts.")
+
+
+# Every registered architecture, by its literal name: name -> (size, variant); sizes as in s2t_smoe.SIZES
+ARCH_TABLE = {
+    "s2t_dec_lmoe": ("paper", _dec_lmoe),
+    "s2t_dec_lmoe_s": ("s", _dec_lmoe),
+    "s2t_dec_lmoe_xs": ("xs", _dec_lmoe),
+    "s2t_enc_lmoe": ("paper", _enc_lmoe),
+    "s2t_enc_lmoe_s": ("s", _enc_lmoe),
+    "s2t_enc_lmoe_xs": ("xs", _enc_lmoe),
+    "s2t_encdec_lmoe": ("paper", _encdec_lmoe),
+    "s2t_encdec_lmoe_s": ("s", _encdec_lmoe),
+    "s2t_encdec_lmoe_xs": ("xs", _encdec_lmoe),
 }
 
 
-def _register(arch_name: str, size_fn, variant_fn):
+def _register(arch_name: str, size: str, variant_fn):
+    size_fn = SIZES[size]
+
     def arch(args):
         if size_fn is not None:
             size_fn(args)
@@ -230,9 +244,6 @@ def _register(arch_name: str, size_fn, variant_fn):
     return arch
 
 
-ARCHITECTURES = {}
-for _name, _variant_fn in _VARIANTS.items():
-    for _suffix, _size_fn in _SIZES.items():
-        ARCHITECTURES[_name + _suffix] = _register(_name + _suffix, _size_fn, _variant_fn)
+ARCHITECTURES = {name: _register(name, size, variant_fn) for name, (size, variant_fn) in ARCH_TABLE.items()}
 
 register_model_architecture("s2t_lmoe", "s2t_lmoe")(base_architecture)

@@ -338,19 +338,33 @@ def _variant_encdec_smoe(args):
     args.decoder_smoe = getattr(args, "decoder_smoe", True)
 
 
-_SIZES = {"": None, "_s": _size_s, "_xs": _size_xs}
-_VARIANTS = {
-    "s2t_smoe_base": _variant_base,
-    "s2t_dec_ffnx2": _variant_dec_ffnx2,
-    "s2t_dec_smoe": _variant_dec_smoe,
-    "s2t_enc_smoe": _variant_enc_smoe,
-    "s2t_encdec_smoe": _variant_encdec_smoe,
+# the size functions by name ("paper": base_architecture's own defaults); s2t_lmoe's table reads them too
+SIZES = {"paper": None, "s": _size_s, "xs": _size_xs}
+
+# Every registered architecture, by its literal name: name -> (size, variant). The paper's four systems are Base,
+# DecFFNx2, DecS-MoE and EncDecS-MoE; EncS-MoE is the encoder-only ablation.
+ARCH_TABLE = {
+    "s2t_smoe_base": ("paper", _variant_base),
+    "s2t_smoe_base_s": ("s", _variant_base),
+    "s2t_smoe_base_xs": ("xs", _variant_base),
+    "s2t_dec_ffnx2": ("paper", _variant_dec_ffnx2),
+    "s2t_dec_ffnx2_s": ("s", _variant_dec_ffnx2),
+    "s2t_dec_ffnx2_xs": ("xs", _variant_dec_ffnx2),
+    "s2t_dec_smoe": ("paper", _variant_dec_smoe),
+    "s2t_dec_smoe_s": ("s", _variant_dec_smoe),
+    "s2t_dec_smoe_xs": ("xs", _variant_dec_smoe),
+    "s2t_enc_smoe": ("paper", _variant_enc_smoe),
+    "s2t_enc_smoe_s": ("s", _variant_enc_smoe),
+    "s2t_enc_smoe_xs": ("xs", _variant_enc_smoe),
+    "s2t_encdec_smoe": ("paper", _variant_encdec_smoe),
+    "s2t_encdec_smoe_s": ("s", _variant_encdec_smoe),
+    "s2t_encdec_smoe_xs": ("xs", _variant_encdec_smoe),
 }
-# the paper's four systems, in the order its tables list them
-PAPER_SYSTEMS = ("s2t_smoe_base", "s2t_dec_ffnx2", "s2t_dec_smoe", "s2t_encdec_smoe")
 
 
-def _register(arch_name: str, size_fn, variant_fn):
+def _register(arch_name: str, size: str, variant_fn):
+    size_fn = SIZES[size]
+
     def arch(args):
         if size_fn is not None:
             size_fn(args)
@@ -365,10 +379,7 @@ def _register(arch_name: str, size_fn, variant_fn):
     return arch
 
 
-ARCHITECTURES = {}
-for _variant, _variant_fn in _VARIANTS.items():
-    for _suffix, _size_fn in _SIZES.items():
-        ARCHITECTURES[_variant + _suffix] = _register(_variant + _suffix, _size_fn, _variant_fn)
+ARCHITECTURES = {name: _register(name, size, variant_fn) for name, (size, variant_fn) in ARCH_TABLE.items()}
 
 # the generic model name also needs an architecture of the same name
 register_model_architecture("s2t_smoe", "s2t_smoe")(base_architecture)

@@ -1,13 +1,16 @@
-"""Shared pieces of every data-preparation recipe: atomic writes, parallel audio work with progress, telephone-band
-copies of wideband audio, manifests in the plugin's format, and ``config.yaml``.
+"""What every data-preparation pipeline shares (the public-corpus recipes of :mod:`.recipe` and the offline corpus
+of :mod:`.offline`): atomic writes, parallel audio work with progress, manifest rows in the plugin's format, and the
+one writer of a data directory, :func:`write_data_dir` (vocabulary, ``config.yaml``, manifests).
 
 Every output is written to a temporary name and renamed when complete, so an interrupted run leaves no
-half-written file, and a rerun skips outputs that already exist.
+half-written file, and a rerun skips outputs that already exist (:func:`remove_stale_tmp` clears the temporaries a
+killed run left behind).
 """
 
 import csv
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,11 +22,18 @@ import numpy as np
 import yaml
 
 from ..data import audio
-from ..data.vocab import build_vocab
+from ..data.vocab import build_vocab, guiding_tokens
+from ..routing import RoutingTable, smoe_config
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["id", "audio", "n_frames", "tgt_text", "speaker", "task", "src_lang", "tgt_lang", "bandwidth"]
+# temporary names of atomic writes (atomic_path, vocab.build_vocab) left behind by a killed run
+_STALE_TMP = re.compile(r"^\..+\.tmp(\d+|\.model|\.vocab)?$")
+
+
+class PrepError(ValueError):
+    """Bad corpus input; the message names the file and the row or entry."""
 
 
 @contextmanager
@@ -38,13 +48,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
-    import soundfile as sf
-
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), wav, sr, subtype="PCM_16", format="WAV")
 
 
 AUDIO_WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
@@ -76,6 +79,15 @@ def write_manifest(path: Path, rows: Sequence[Dict[str, str]], columns: Sequence
                 w.writerow(r)
 
 
+def manifest_row(**fields) -> Dict:
+    """One manifest row: every pipeline builds its rows here, so a row holds exactly :data:`MANIFEST_COLUMNS`."""
+    missing = [k for k in MANIFEST_COLUMNS if k not in fields]
+    extra = sorted(set(fields) - set(MANIFEST_COLUMNS))
+    if missing or extra:
+        raise ValueError(f"manifest row {fields.get('id')!r}: missing column(s) {missing}, unknown column(s) {extra}")
+    return {k: fields[k] for k in MANIFEST_COLUMNS}
+
+
 def clean_text(text: str) -> str:
     return " ".join(text.replace("\t", " ").split())
 
@@ -86,19 +98,6 @@ def n_frames_of(num_samples: int, sr: int) -> int:
     torchaudio's resampler returns ``ceil(n * 16000 / sr)`` samples (rounding would be one short for e.g. 22.05 kHz).
     """
     return audio.num_fbank_frames(-(-num_samples * audio.TARGET_SAMPLE_RATE // sr))
-
-
-def make_nb_copy(src: str, dst: str) -> int:
-    """Telephone-band 8 kHz copy of ``src`` at ``dst`` (skipped if present); returns its sample count."""
-    import soundfile as sf
-
-    dst_p = Path(dst)
-    if dst_p.exists():
-        return sf.info(dst).frames
-    wav, sr = audio.read_waveform(audio.AudioRef(src))
-    nb = audio.telephone_channel(wav, sr)
-    write_wav(dst_p, nb, 8000)
-    return len(nb)
 
 
 def parallel_map(fn: Callable, items: Sequence, what: str, workers: Optional[int] = None) -> List:
@@ -135,8 +134,11 @@ def _call_star(args):
     return _call(fn, x)
 
 
-def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True, extra: Optional[Dict] = None) -> Path:
-    """``config.yaml`` with utterance CMVN, optional SpecAugment (LB policy) and the default S-MoE routes."""
+def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True, extra: Optional[Dict] = None,
+                 routes: Optional[RoutingTable] = None) -> Path:
+    """``config.yaml`` with utterance CMVN, optional SpecAugment (LB policy) and the S-MoE routes (``routes``, else
+    the defaults; :func:`fairseq_smoe.routing.smoe_config` writes the section)."""
+    smoe = smoe_config(routes.encoder_routes, routes.decoder_routes) if routes is not None else smoe_config()
     cfg = {
         "input_feat_per_channel": 80,
         **vocab_cfg,
@@ -144,7 +146,7 @@ def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True, extra
         "utterance_cmvn": {"norm_means": True, "norm_vars": True},
         "specaugment": {"freq_mask_F": 27, "freq_mask_N": 1, "time_mask_N": 1, "time_mask_T": 100,
                         "time_mask_p": 1.0, "time_wrap_W": 0},
-        "smoe": {"encoder_routes": ["wb", "nb"], "decoder_routes": ["transcribe", "translate"]},
+        "smoe": smoe,
     }
     cfg.update(extra or {})
     path = Path(out_dir) / "config.yaml"
@@ -162,6 +164,51 @@ def write_vocab(out_dir: Path, texts: Iterable[str], langs: Iterable[str], vocab
         return {"bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": "spm.model"},
                 "vocab_filename": "spm.txt"}
     return build_vocab(texts, str(out_dir), list(langs), vocab_size, model_type, byte_fallback=byte_fallback)
+
+
+def check_vocab_covers(out_dir: Path, langs: Sequence[str]) -> None:
+    """A vocabulary kept from an earlier run must hold the guiding tokens this run's rows need."""
+    dict_path = Path(out_dir) / "spm.txt"
+    have = {line.split(" ", 1)[0] for line in dict_path.read_text(encoding="utf-8").splitlines()}
+    missing = [t for t in guiding_tokens(langs) if t not in have]
+    if missing:
+        raise PrepError(f"{dict_path} (from an earlier run) lacks {missing}; delete {out_dir}/spm.model and "
+                        f"{dict_path} to train a vocabulary for the languages of this run")
+
+
+def write_data_dir(out_dir: Path, manifests: Dict[str, Sequence[Dict]], vocab_texts: Sequence[str],
+                   langs: Sequence[str], vocab_size: int, vocab_type: str = "unigram", byte_fallback: bool = False,
+                   specaugment: bool = True, routes: Optional[RoutingTable] = None) -> None:
+    """The end of every prep pipeline, once its audio is on disk: the vocabulary (trained on ``vocab_texts`` with
+    the guiding tokens of ``langs``; one kept from an earlier run must cover them), ``config.yaml`` (``routes``, else
+    the default routes), then ``<name>.tsv`` for every entry of ``manifests``, in the given order.
+
+    The manifests come last, so a data directory with manifests is complete; each file is written atomically, and
+    a rerun keeps the vocabulary and rewrites the same config and manifests.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "spm.model").exists() and (out_dir / "spm.txt").exists():
+        check_vocab_covers(out_dir, langs)
+    try:
+        vocab_cfg = write_vocab(out_dir, vocab_texts, langs, vocab_size, model_type=vocab_type,
+                                byte_fallback=byte_fallback)
+    except RuntimeError as e:  # SentencePiece's own message says what to change (e.g. a too small --vocab-size)
+        raise PrepError(f"{out_dir / 'spm.model'}: SentencePiece cannot train it: {e}") from None
+    write_config(out_dir, vocab_cfg, specaugment=specaugment, routes=routes)
+    for name, rows in manifests.items():
+        write_manifest(out_dir / f"{name}.tsv", rows)
+
+
+def remove_stale_tmp(out_dir: Path) -> int:
+    """Delete the temporary files of atomic writes a killed run left behind (they never replaced a finished
+    file); returns how many."""
+    n = 0
+    for dirpath, _, files in os.walk(out_dir):
+        for name in files:
+            if _STALE_TMP.match(name):
+                os.unlink(os.path.join(dirpath, name))
+                n += 1
+    return n
 
 
 def setup_logging() -> None:

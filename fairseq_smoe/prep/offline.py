@@ -12,7 +12,9 @@
 * Every NB clip is checked to have no energy above 4 kHz (``spectrum.json``).
 
 Stages write atomically and are skipped when their output exists: a rerun after an interruption continues where it
-stopped and gives the same files. ``prep.done.json`` appears last.
+stopped and gives the same files. The rows, vocabulary and config go through :func:`.common.write_data_dir`, the
+writer of the public-corpus recipes (:mod:`.recipe`); only planning, audio and the test-set names are this corpus's
+own. ``prep.done.json`` appears last.
 """
 
 import argparse
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data import audio
+from ..routing import ASR_TASK, BANDWIDTHS, ST_TASK, is_asr_task
 from . import common
 from . import offline_sources
 from . import offline_text
@@ -41,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 NB_MAX_HIGH_BAND_DB = -50.0  # an NB clip upsampled to 16 kHz must have less than this above 4 kHz
 REAL_SPEAKER = "allison"
+SRC_LANG = "en"  # every clip speaks English: a target in English is its transcript (ASR), any other a translation
+# Both bandwidths of a clip, in the order the corpus was first planned in: clips list their bandwidths, and a clip in
+# one bandwidth draws it, in this order (alphabetical, so a change of routing.BANDWIDTHS' order changes no clip)
+CLIP_BANDWIDTHS = tuple(sorted(BANDWIDTHS))
 # spoken digit strings: the words a voice reads and their translations (what an IVR reads back: account numbers,
 # PINs, extensions)
 DIGIT_WORDS = {
@@ -84,7 +91,7 @@ class Clip:
     speaker: str
     en_key: str                # normalised English text: what split disjointness is checked on
     text: str                  # what the TTS voice reads (synth)
-    targets: Dict[str, str]    # language -> normalised target ("en" = transcript)
+    targets: Dict[str, str]    # language -> normalised target (SRC_LANG = transcript)
     bandwidths: List[str]
     voice: str = ""            # synth: offline_tts voice name
     prompt: str = ""           # real: Asterisk prompt name
@@ -92,12 +99,6 @@ class Clip:
     wb_src: str = ""
     group: str = ""            # "digits" for spoken digit strings, "" for sentences
     splice: List[str] = field(default_factory=list)  # real digit strings: the Asterisk digit prompts, in order
-
-
-@dataclass
-class ClipAudio:
-    samples: Dict[str, int] = field(default_factory=dict)   # bandwidth -> samples at its rate
-    high_band_db: Dict[str, float] = field(default_factory=dict)
 
 
 def _hash01(seed: int, key: str) -> float:
@@ -134,10 +135,10 @@ def plan_corpus(args) -> List[Clip]:
     for p in prompts:
         if args.digit_strings and re.fullmatch(r"digits/\d", p.name):
             continue  # its recording is spliced into the real digit-string test set: never trained on
-        en = offline_text.normalize_target(p.en, "en")
+        en = offline_text.normalize_target(p.en, SRC_LANG)
         if not en or (args.max_real_words and len(en.split()) > args.max_real_words):
             continue
-        targets = {"en": en}
+        targets = {SRC_LANG: en}
         es = offline_text.normalize_target(p.es, "es") if p.es else None
         if es and "es" in langs:
             targets["es"] = es
@@ -150,7 +151,7 @@ def plan_corpus(args) -> List[Clip]:
     for lang in langs:
         chosen = []
         for sp in pairs[lang]:
-            en, tgt = offline_text.normalize_target(sp.en, "en"), offline_text.normalize_target(sp.tgt, lang)
+            en, tgt = offline_text.normalize_target(sp.en, SRC_LANG), offline_text.normalize_target(sp.tgt, lang)
             if en and tgt:
                 chosen.append((en, sp.en, tgt))
         if args.pairs_per_lang:
@@ -158,7 +159,7 @@ def plan_corpus(args) -> List[Clip]:
             chosen.sort(key=lambda c: (-score[c[0]], c[0]))
             chosen = chosen[: args.pairs_per_lang]
         for en, raw, tgt in chosen:
-            debian.setdefault(en, (raw, {"en": en}))[1][lang] = tgt
+            debian.setdefault(en, (raw, {SRC_LANG: en}))[1][lang] = tgt
 
     # splits: held-out sentences first (by a seeded hash), so they never depend on how much train text is used
     real_keys = sorted({en for _, en, _ in real})
@@ -177,8 +178,8 @@ def plan_corpus(args) -> List[Clip]:
         if split == "train" and not args.real_train:
             continue
         clips.append(Clip(id="real_" + re.sub(r"[^A-Za-z0-9_.-]", "-", p.name), split=split, source="real",
-                          speaker=REAL_SPEAKER, en_key=en, text=p.en, targets=targets, bandwidths=["nb", "wb"],
-                          prompt=p.name, nb_src=str(p.nb_path), wb_src=str(p.wb_path)))
+                          speaker=REAL_SPEAKER, en_key=en, text=p.en, targets=targets,
+                          bandwidths=list(CLIP_BANDWIDTHS), prompt=p.name, nb_src=str(p.nb_path), wb_src=str(p.wb_path)))
 
     def add_synth(key, raw, targets, split, voice_pool, n_voices, k_index):
         clips.extend(synth_clips(args, key, raw, targets, split, voice_pool, n_voices, k_index))
@@ -212,15 +213,15 @@ def synth_clips(args, key: str, text: str, targets: Dict[str, str], split: str, 
     for j in range(n):
         v = voice_pool[(k_index + j) % len(voice_pool)]
         if args.paired_bandwidths or split == "test":
-            bws = ["nb", "wb"]
+            bws = list(CLIP_BANDWIDTHS)
         else:
-            bws = [("nb", "wb")[int(_hash01(args.seed + 1, v.name + key) * 2)]]
+            bws = [CLIP_BANDWIDTHS[int(_hash01(args.seed + 1, v.name + key) * len(CLIP_BANDWIDTHS))]]
         out.append(Clip(id=f"syn_{v.name}_{_key_id(key)}{variant}", split=split, source="synth", speaker=v.speaker,
                         en_key=key, text=text, targets=targets, bandwidths=bws, voice=v.name, group=group))
     return out
 
 
-def _digit_key(digits: Sequence[int], lang: str = "en") -> str:
+def _digit_key(digits: Sequence[int], lang: str = SRC_LANG) -> str:
     return " ".join(DIGIT_WORDS[lang][d] for d in digits)
 
 
@@ -228,7 +229,7 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
     """Spoken digit strings of 3 to 7 digits: synthetic ones for every split, and a real test set spliced from
     the Asterisk digit recordings (how Asterisk's SayDigits speaks a number), never trained on."""
     rng = random.Random(args.seed)
-    target_langs = ["en"] + [x for x in langs if x in DIGIT_WORDS]
+    target_langs = [SRC_LANG] + [x for x in langs if x in DIGIT_WORDS]
 
     def targets_of(ds):
         return {lang: _digit_key(ds, lang) for lang in target_langs}
@@ -256,7 +257,8 @@ def plan_digit_strings(args, langs, train_voices, test_voices, root: Path) -> Li
     for i, ds in enumerate(real_test):
         key = _digit_key(ds)
         clips.append(Clip(id=f"real_digits_{_key_id(key)}", split="test", source="real", speaker=REAL_SPEAKER,
-                          en_key=key, text=key, targets=targets_of(ds), bandwidths=["nb", "wb"], group="digits",
+                          en_key=key, text=key, targets=targets_of(ds), bandwidths=list(CLIP_BANDWIDTHS),
+                          group="digits",
                           splice=[f"digits/{d}" for d in ds]))
     for split, strings in (("test", synth_test), ("dev", dev), ("train", train)):
         pool = test_voices if split == "test" else train_voices
@@ -311,9 +313,9 @@ def make_synth_batch(out_dir: str, voice_name: str, items: List[Tuple[str, str, 
     if todo:
         for (cid, _, bws), wb in zip(todo, offline_tts.synthesize(voice, [t for _, t, _ in todo])):
             if "wb" in bws:
-                common.write_wav(clip_path(Path(out_dir), cid, "wb"), wb, audio.TARGET_SAMPLE_RATE)
+                common.write_audio(clip_path(Path(out_dir), cid, "wb"), wb, audio.TARGET_SAMPLE_RATE)
             if "nb" in bws:
-                common.write_wav(clip_path(Path(out_dir), cid, "nb"),
+                common.write_audio(clip_path(Path(out_dir), cid, "nb"),
                                  audio.telephone_channel(wb, audio.TARGET_SAMPLE_RATE), 8000)
     return {cid: {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in bws} for cid, _, bws in items}
 
@@ -338,8 +340,8 @@ def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
         for bw, src in (("nb", nb_src), ("wb", wb_src)):
             dst = clip_path(Path(out_dir), cid, bw)
             if not dst.exists():
-                common.write_wav(dst, read_asterisk(src, bw), BW_RATE[bw])
-        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in ("nb", "wb")}
+                common.write_audio(dst, read_asterisk(src, bw), BW_RATE[bw])
+        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in CLIP_BANDWIDTHS}
     return out
 
 
@@ -350,13 +352,13 @@ def make_spliced_batch(out_dir: str, sounds: str, items: List[Tuple[str, List[st
     torch.set_num_threads(1)
     out = {}
     for cid, names in items:
-        for bw in ("nb", "wb"):
+        for bw in CLIP_BANDWIDTHS:
             dst = clip_path(Path(out_dir), cid, bw)
             if not dst.exists():
                 pause = np.zeros(int(DIGIT_PAUSE_S * BW_RATE[bw]), np.float32)
                 parts = [read_asterisk(Path(sounds) / f"{name}.{BW_EXT[bw]}", bw) for name in names]
-                common.write_wav(dst, np.concatenate([x for part in parts for x in (part, pause)][:-1]), BW_RATE[bw])
-        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in ("nb", "wb")}
+                common.write_audio(dst, np.concatenate([x for part in parts for x in (part, pause)][:-1]), BW_RATE[bw])
+        out[cid] = {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in CLIP_BANDWIDTHS}
     return out
 
 
@@ -411,22 +413,24 @@ def spectrum_report(clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict:
 
 # ---- manifests --------------------------------------------------------------------------------------------------
 
-def manifest_rows(out_dir: Path, clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict[str, List[Dict]]:
-    """Rows of train, dev and every test set (``test_[digits_]<synth|real>[_<lang>]_<asr|st>_<nb|wb>``)."""
+def clip_rows(clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict[str, List[Dict]]:
+    """Manifest rows (:func:`.common.manifest_row`) of train, dev and every test set
+    (``test_[digits_]<synth|real>[_<lang>]_<asr|st>_<nb|wb>``), each sorted by id."""
     sets: Dict[str, List[Dict]] = defaultdict(list)
     for c in clips:
         for bw in c.bandwidths:
             samples = info[c.id][bw][0]
             rate = BW_RATE[bw]
             for lang, text in sorted(c.targets.items()):
-                task = "asr" if lang == "en" else "st"
-                row = {"id": f"{c.id}_{task}{'' if task == 'asr' else '-' + lang}_{bw}",
-                       "audio": str(clip_path(Path("."), c.id, bw)), "n_frames": common.n_frames_of(samples, rate),
-                       "tgt_text": text, "speaker": c.speaker, "task": task, "src_lang": "en", "tgt_lang": lang,
-                       "bandwidth": bw}
+                task = ASR_TASK if lang == SRC_LANG else ST_TASK
+                asr = is_asr_task(task)
+                row = common.manifest_row(
+                    id=f"{c.id}_{task}{'' if asr else '-' + lang}_{bw}", audio=str(clip_path(Path("."), c.id, bw)),
+                    n_frames=common.n_frames_of(samples, rate), tgt_text=text, speaker=c.speaker, task=task,
+                    src_lang=SRC_LANG, tgt_lang=lang, bandwidth=bw)
                 if c.split == "test":
                     group = f"{c.group}_" if c.group else ""
-                    name = f"test_{group}{c.source}{'' if task == 'asr' else '_' + lang}_{task}_{bw}"
+                    name = f"test_{group}{c.source}{'' if asr else '_' + lang}_{task}_{bw}"
                 else:
                     name = c.split
                 sets[name].append(row)
@@ -468,16 +472,6 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def remove_stale_temporaries(out: Path) -> int:
-    """Delete the temporary files a killed run left behind (they never replaced a finished file)."""
-    n = 0
-    for p in list(out.rglob(".*.tmp*")) + list(out.rglob(".tmp.*")):
-        if p.is_file():
-            p.unlink()
-            n += 1
-    return n
-
-
 def prepare(args) -> Dict:
     start = time.time()
     out = Path(args.out_dir)
@@ -490,7 +484,7 @@ def prepare(args) -> Dict:
         logger.info(f"{out}: corpus complete ({done.name}); nothing to do")
         return previous
 
-    stale = remove_stale_temporaries(out)
+    stale = common.remove_stale_tmp(out)
     if stale:
         logger.info(f"{out}: removed {stale} temporary files of an interrupted run")
     plan_file = out / "plan.json"
@@ -511,13 +505,11 @@ def prepare(args) -> Dict:
     logger.info(f"spectrum check passed: every NB clip < {NB_MAX_HIGH_BAND_DB} dB above 4 kHz "
                 f"(max synth {spectrum.get('synth_nb', {}).get('max_db')}, real {spectrum.get('real_nb', {}).get('max_db')})")
 
-    sets = manifest_rows(out, clips, info)
-    langs = ["en"] + [x for x in args.langs.split(",") if x]
+    sets = clip_rows(clips, info)
+    langs = [SRC_LANG] + [x for x in args.langs.split(",") if x]
     train_texts = sorted({r["tgt_text"] for r in sets["train"]})
-    vocab_cfg = common.write_vocab(out, train_texts, langs, args.vocab_size, model_type=args.vocab_type)
-    common.write_config(out, vocab_cfg, specaugment=args.specaugment)
-    for name, rows in sorted(sets.items()):
-        common.write_manifest(out / f"{name}.tsv", rows)
+    common.write_data_dir(out, dict(sorted(sets.items())), train_texts, langs, args.vocab_size,
+                          vocab_type=args.vocab_type, specaugment=args.specaugment)
     result = summary(clips, sets, spectrum, args)
     result["seconds"] = round(time.time() - start, 1)
     _write_json(done, result)

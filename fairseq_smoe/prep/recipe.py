@@ -1,5 +1,6 @@
 """What every public-corpus recipe shares: a corpus reader turns its files into :class:`Utterance` s, and
-:func:`prepare` turns those into an S-MoE data directory.
+:func:`prepare` turns those into an S-MoE data directory (its rows, vocabulary and config go through
+:func:`.common.write_data_dir`, the writer the offline corpus uses too).
 
     audio/<split>/<bw>/<group>/<id>.wav   segment cuts, decoded mp3s, telephone-band copies (``--audio-format flac``:
                                           .flac); written atomically, skipped on rerun
@@ -32,33 +33,26 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data import audio
-from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, TASK_TO_GUIDING_TOKEN, RoutingTable
-from ..data.vocab import guiding_tokens
+from ..routing import (ASR_TASK, BANDWIDTHS, DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, ST_TASK,
+                       TASK_TO_GUIDING_TOKEN, RoutingTable)
 from .common import (
-    MANIFEST_COLUMNS,
+    PrepError,
     atomic_path,
     clean_text,
+    manifest_row,
     n_frames_of,
     parallel_map,
+    remove_stale_tmp,
     setup_logging,
     write_audio,
-    write_config,
-    write_manifest,
-    write_vocab,
+    write_data_dir,
 )
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("asr", "st")
+TASKS = (ASR_TASK, ST_TASK)
 # a segment may run this far past the end of its recording (real corpora's timings are rounded) before it is an error
 SEGMENT_OVERRUN_S = 1.0
-# temporary names of atomic writes (common.atomic_path, vocab.build_vocab) left behind by a killed run
-_STALE_TMP = re.compile(r"^\..+\.tmp(\d+|\.model|\.vocab)?$")
-
-
-class PrepError(ValueError):
-    """Bad corpus input; the message names the file and the row or entry."""
-
 
 @dataclass
 class Utterance:
@@ -81,7 +75,7 @@ class Utterance:
 @dataclass
 class Options:
     out_dir: Path
-    bandwidths: Tuple[str, ...] = ("wb", "nb")
+    bandwidths: Tuple[str, ...] = BANDWIDTHS
     tasks: Tuple[str, ...] = TASKS
     vocab_size: int = 8000
     vocab_type: str = "unigram"
@@ -171,8 +165,8 @@ def prepare_audio(job: AudioJob) -> Dict[str, Tuple[str, int]]:
     info = _info(utt)
     sr = int(info.samplerate)
     src_bw = source_bandwidth(utt, sr)
-    if src_bw not in audio.BANDWIDTHS:
-        raise PrepError(f"{utt.where}: bandwidth {src_bw!r} is not one of {audio.BANDWIDTHS}")
+    if src_bw not in BANDWIDTHS:
+        raise PrepError(f"{utt.where}: bandwidth {src_bw!r} is not one of {BANDWIDTHS}")
     in_place = (utt.offset is None and Path(utt.source).suffix.lower() in audio.AUDIO_EXTENSIONS
                 and info.channels == 1 and audio.SUPPORTED_RATES[0] <= sr <= audio.SUPPORTED_RATES[1])
     decoded: List[Tuple[np.ndarray, int]] = []
@@ -203,19 +197,6 @@ def prepare_audio(job: AudioJob) -> Dict[str, Tuple[str, int]]:
     return out
 
 
-def remove_stale_tmp(out_dir: Path) -> int:
-    """Delete the temporary files of atomic writes a killed run left behind."""
-    n = 0
-    for dirpath, _, files in os.walk(out_dir):
-        for name in files:
-            if _STALE_TMP.match(name):
-                os.unlink(os.path.join(dirpath, name))
-                n += 1
-    if n:
-        logger.info(f"removed {n} temporary file(s) of an interrupted run")
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # manifests, vocabulary, config
 
@@ -235,10 +216,10 @@ def check_utterances(utts: Sequence[Utterance]) -> None:
 def targets(utt: Utterance, tasks: Sequence[str]) -> List[Tuple[str, str, str]]:
     """``(task, tgt_lang, text)`` for every target of ``utt`` the recipe was asked for."""
     out = []
-    if "asr" in tasks and utt.transcript is not None:
-        out.append(("asr", utt.src_lang, clean_text(utt.transcript)))
-    if "st" in tasks:
-        out += [("st", lang, clean_text(text)) for lang, text in sorted(utt.translations.items())]
+    if ASR_TASK in tasks and utt.transcript is not None:
+        out.append((ASR_TASK, utt.src_lang, clean_text(utt.transcript)))
+    if ST_TASK in tasks:
+        out += [(ST_TASK, lang, clean_text(text)) for lang, text in sorted(utt.translations.items())]
     return out
 
 
@@ -266,11 +247,9 @@ def manifest_rows(utts: Sequence[Utterance], audio_out: Sequence[Dict[str, Tuple
                 if not text:
                     dropped["empty text"] += 1
                     continue
-                rows[utt.split].append({
-                    "id": f"{utt.id}_{task}_{lang}_{bw}", "audio": field_, "n_frames": n_frames, "tgt_text": text,
-                    "speaker": utt.speaker, "task": task, "src_lang": utt.src_lang, "tgt_lang": lang,
-                    "bandwidth": bw,
-                })
+                rows[utt.split].append(manifest_row(
+                    id=f"{utt.id}_{task}_{lang}_{bw}", audio=field_, n_frames=n_frames, tgt_text=text,
+                    speaker=utt.speaker, task=task, src_lang=utt.src_lang, tgt_lang=lang, bandwidth=bw))
     for reason, n in sorted(dropped.items()):
         logger.warning(f"dropped {n} row(s): {reason}")
     return rows, dropped
@@ -283,16 +262,6 @@ def vocab_texts(utts: Sequence[Utterance], tasks: Sequence[str]) -> List[str]:
         logger.warning("no train split: the vocabulary is trained on every split's text")
         train = list(utts)
     return [text for u in train for _, _, text in targets(u, tasks) if text]
-
-
-def check_vocab_covers(out_dir: Path, langs: Sequence[str]) -> None:
-    """A vocabulary kept from an earlier run must hold the guiding tokens this run's rows need."""
-    dict_path = out_dir / "spm.txt"
-    have = {line.split(" ", 1)[0] for line in dict_path.read_text(encoding="utf-8").splitlines()}
-    missing = [t for t in guiding_tokens(langs) if t not in have]
-    if missing:
-        raise PrepError(f"{dict_path} (from an earlier run) lacks {missing}; delete {out_dir}/spm.model and "
-                        f"{dict_path} to train a vocabulary for the languages of this run")
 
 
 def routing_table(utts: Sequence[Utterance], opts: Options) -> RoutingTable:
@@ -315,7 +284,9 @@ def prepare(utts: Sequence[Utterance], opts: Options) -> dict:
     table = routing_table(utts, opts)
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out_dir)
+    stale = remove_stale_tmp(out_dir)
+    if stale:
+        logger.info(f"removed {stale} temporary file(s) of an interrupted run")
     logger.info(f"{len(utts)} utterances in splits {sorted({u.split for u in utts})}; bandwidths "
                 f"{','.join(opts.bandwidths)}; tasks {','.join(opts.tasks)}")
 
@@ -327,25 +298,20 @@ def prepare(utts: Sequence[Utterance], opts: Options) -> dict:
                         f"and bandwidths {opts.bandwidths}")
 
     langs = sorted({r["tgt_lang"] for split_rows in rows.values() for r in split_rows})
-    if (out_dir / "spm.model").exists() and (out_dir / "spm.txt").exists():
-        check_vocab_covers(out_dir, langs)
-    try:
-        vocab_cfg = write_vocab(out_dir, vocab_texts(utts, opts.tasks), langs, opts.vocab_size,
-                                model_type=opts.vocab_type, byte_fallback=opts.byte_fallback)
-    except RuntimeError as e:  # SentencePiece's own message says what to change (e.g. a too small --vocab-size)
-        raise PrepError(f"{out_dir / 'spm.model'}: SentencePiece cannot train it: {e}") from None
-    write_config(out_dir, vocab_cfg, specaugment=opts.specaugment, extra={"smoe": {
-        "encoder_routes": list(table.encoder_routes), "decoder_routes": list(table.decoder_routes)}})
-
-    summary = {"manifests": {}, "dropped": dict(dropped), "langs": langs}
+    # every split, then its one-task, one-language, one-bandwidth slices
+    manifests: Dict[str, List[dict]] = {}
     for split, split_rows in sorted(rows.items()):
         slices: Dict[str, List[dict]] = defaultdict(list)
         for r in split_rows:
             slices[f"{split}_{r['task']}_{r['tgt_lang']}_{r['bandwidth']}"].append(r)
-        for name, part in [(split, split_rows)] + sorted(slices.items()):
-            write_manifest(out_dir / f"{name}.tsv", part, MANIFEST_COLUMNS)
-            summary["manifests"][name] = {
-                "rows": len(part), "hours": round(sum(int(r["n_frames"]) for r in part) / 360000, 4)}
+        manifests.update([(split, split_rows)] + sorted(slices.items()))
+    write_data_dir(out_dir, manifests, vocab_texts(utts, opts.tasks), langs, opts.vocab_size,
+                   vocab_type=opts.vocab_type, byte_fallback=opts.byte_fallback, specaugment=opts.specaugment,
+                   routes=table)
+    summary = {"manifests": {}, "dropped": dict(dropped), "langs": langs}
+    for name, part in manifests.items():
+        summary["manifests"][name] = {
+            "rows": len(part), "hours": round(sum(int(r["n_frames"]) for r in part) / 360000, 4)}
     with atomic_path(out_dir / "prep.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     for name, s in summary["manifests"].items():
@@ -371,7 +337,7 @@ def _csv_list(allowed: Sequence[str]):
 def add_common_args(p: argparse.ArgumentParser, tasks: Sequence[str] = TASKS) -> None:
     g = p.add_argument_group("output (every recipe)")
     g.add_argument("--out-dir", required=True, type=Path, help="data directory to write (manifests, audio, vocab)")
-    g.add_argument("--bandwidths", type=_csv_list(audio.BANDWIDTHS), default=("wb", "nb"),
+    g.add_argument("--bandwidths", type=_csv_list(BANDWIDTHS), default=BANDWIDTHS,
                    help="rows to write: wb (the corpus audio), nb (telephone-band 8 kHz copies of WB audio; NB "
                         "sources stay as they are). Default: wb,nb")
     if len(tasks) > 1:

@@ -38,11 +38,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from fairseq_smoe.decoding.ctc_prefix_score import CtcPrefixScorer  # noqa: E402
+from fairseq_smoe.decoding.ctc_prefix_score import CtcPrefixScorer
 
 NEG_INF = float("-inf")
 

@@ -36,18 +36,14 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq.models import ARCH_MODEL_REGISTRY  # noqa: E402
-from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
-
-from fairseq_smoe.cli import params  # noqa: E402  (also registers the models and the criterion)
-from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask  # noqa: E402
+from fairseq_smoe.cli import params  # also registers the models and the criterion
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion  # noqa
-from fairseq_smoe.prep.common import atomic_path  # noqa: E402
-from fairseq_smoe.routing import RoutePlan, RoutingTable  # noqa: E402
+from fairseq_smoe.prep.common import atomic_path
+from fairseq_smoe.routing import RoutePlan, RoutingTable
 
 SYSTEMS = {  # name: (architecture prefix, route pattern of the batches)
     "base": ("s2t_smoe_base", "one"),

@@ -15,7 +15,7 @@ from typing import Dict, List
 import numpy as np
 import soundfile as sf
 
-from fairseq_smoe.prep.common import MANIFEST_COLUMNS
+from fairseq_smoe.data.manifest import MANIFEST_COLUMNS
 from fixture_corpus import _flite
 
 REPO = Path(__file__).resolve().parents[1]

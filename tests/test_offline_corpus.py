@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from fairseq_smoe import routing
 from fairseq_smoe.data import audio
-from fairseq_smoe.prep import offline, offline_sources, offline_text, offline_tts
+from fairseq_smoe.data.manifest import MANIFEST_COLUMNS
+from fairseq_smoe.prep import common, offline, offline_sources, offline_text, offline_tts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -482,6 +484,64 @@ def test_failure_names_the_file_and_rerun_completes(corpus, fixture, tmp_path):
     proc = run_prep(prep_args(fix, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree_digest(out) == tree_digest(clean)
+
+
+# ---- one pipeline: the offline corpus's rows, vocabulary and config come from the recipes' writer ----------------
+
+def test_the_offline_data_dir_is_what_the_recipes_writer_writes(corpus, tmp_path):
+    """common.write_data_dir, given the corpus's rows and train texts, rewrites its manifests, vocabulary and
+    config.yaml byte for byte: the offline corpus has no writer of its own."""
+    out, _ = corpus
+    sets = {p.stem: read_tsv(p) for p in sorted(out.glob("*.tsv"))}
+    train_texts = sorted({r["tgt_text"] for r in sets["train"]})
+    again = tmp_path / "again"
+    common.write_data_dir(again, sets, train_texts, ["en", "es", "de"], 150, vocab_type="char", specaugment=False)
+    assert sorted(p.name for p in again.iterdir()) == sorted(
+        [f"{n}.tsv" for n in sets] + ["config.yaml", "spm.model", "spm.txt"])
+    for name in [f"{n}.tsv" for n in sets] + ["config.yaml", "spm.txt"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["smoe"] == routing.smoe_config()
+
+
+def test_clip_rows_tasks_ids_and_test_set_names():
+    """English targets are transcripts (routing's ASR task), other languages translations; the row ids and test-set
+    names keep the corpus's own form; every row holds the manifest columns."""
+    clips = [
+        offline.Clip(id="real_x", split="test", source="real", speaker="allison", en_key="k", text="T",
+                     targets={"es": "hola", "en": "hello"}, bandwidths=["nb", "wb"]),
+        offline.Clip(id="syn_v_1", split="train", source="synth", speaker="s", en_key="k2", text="T2",
+                     targets={"en": "one two", "de": "eins zwei"}, bandwidths=["wb"], group="digits"),
+        offline.Clip(id="syn_v_2", split="test", source="synth", speaker="s", en_key="k3", text="T3",
+                     targets={"en": "three"}, bandwidths=["nb"], group="digits"),
+    ]
+    info = {"real_x": {"nb": (8000, -80.0), "wb": (16000, -20.0)}, "syn_v_1": {"wb": (32000, -20.0)},
+            "syn_v_2": {"nb": (4000, -80.0)}}
+    sets = offline.clip_rows(clips, info)
+    assert sorted(sets) == ["test_digits_synth_asr_nb", "test_real_asr_nb", "test_real_asr_wb", "test_real_es_st_nb",
+                            "test_real_es_st_wb", "train"]
+    assert [r["id"] for r in sets["train"]] == ["syn_v_1_asr_wb", "syn_v_1_st-de_wb"]  # sorted by id
+    es = sets["test_real_es_st_nb"][0]
+    assert es == {"id": "real_x_st-es_nb", "audio": "wav/8k/real_x.wav", "n_frames": audio.num_fbank_frames(16000),
+                  "tgt_text": "hola", "speaker": "allison", "task": routing.ST_TASK, "src_lang": "en",
+                  "tgt_lang": "es", "bandwidth": "nb"}
+    assert list(es) == MANIFEST_COLUMNS
+    assert {r["task"] for rows in sets.values() for r in rows if r["tgt_lang"] == "en"} == {routing.ASR_TASK}
+    assert sets["train"][0]["audio"] == "wav/16k/syn_v_1.wav" and sets["train"][0]["n_frames"] == 198
+
+
+def test_manifest_row_and_a_kept_vocabulary_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"manifest row 'a': missing column\(s\) \['bandwidth'\], unknown "
+                                         r"column\(s\) \['lang'\]"):
+        common.manifest_row(id="a", audio="a.wav", n_frames=5, tgt_text="x", speaker="", task="asr", src_lang="en",
+                            tgt_lang="en", lang="en")
+    rows = {"train": [common.manifest_row(id="a_asr_wb", audio="a.wav", n_frames=5, tgt_text="ab ba", speaker="",
+                                          task="asr", src_lang="en", tgt_lang="en", bandwidth="wb")]}
+    common.write_data_dir(tmp_path, rows, ["ab ba", "abba"], ["en"], 50, vocab_type="char")
+    # a rerun for another language keeps no vocabulary without its tag: the error names the file and the way out
+    with pytest.raises(common.PrepError, match=r"spm.txt \(from an earlier run\) lacks \['<lang:fr>'\]; delete"):
+        common.write_data_dir(tmp_path, rows, ["ab ba"], ["en", "fr"], 50, vocab_type="char")
 
 
 # ---- voices and the real packages (when installed) -------------------------------------------------------------

@@ -22,12 +22,12 @@ import numpy as np
 import yaml
 
 from ..data import audio
+from ..data.manifest import MANIFEST_COLUMNS  # the one column list (recipes and tools import it from here too)
 from ..data.vocab import build_vocab, guiding_tokens
 from ..routing import RoutingTable, smoe_config
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["id", "audio", "n_frames", "tgt_text", "speaker", "task", "src_lang", "tgt_lang", "bandwidth"]
 # temporary names of atomic writes (atomic_path, vocab.build_vocab) left behind by a killed run
 _STALE_TMP = re.compile(r"^\..+\.tmp(\d+|\.model|\.vocab)?$")
 

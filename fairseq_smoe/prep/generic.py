@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Dict, List
 
+from ..routing import BANDWIDTHS
 from .recipe import PrepError, Utterance, run_cli
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,8 @@ def _utterance(row: Dict[str, str], where: str, audio_root: Path, a) -> Utteranc
     if translation is not None and not tgt_lang:
         raise PrepError(f"{where}: a translation needs its language (tgt_lang column or --tgt-lang)")
     bandwidth = row.get("bandwidth") or None
-    if bandwidth not in (None, "nb", "wb"):
-        raise PrepError(f"{where}: bandwidth {bandwidth!r} is not nb or wb")
+    if bandwidth is not None and bandwidth not in BANDWIDTHS:
+        raise PrepError(f"{where}: bandwidth {bandwidth!r} is not {' or '.join(sorted(BANDWIDTHS))}")
     offset, duration = _seconds(row, "offset", where), _seconds(row, "duration", where)
     if (offset is None) != (duration is None):
         raise PrepError(f"{where}: give both offset and duration, or neither")

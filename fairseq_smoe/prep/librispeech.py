@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import List
 
+from ..routing import ASR_TASK
 from .recipe import PrepError, Utterance, run_cli
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def add_args(p):
 
 
 def main(argv=None) -> int:
-    return run_cli(__doc__, add_args, read_corpus, argv, tasks=("asr",))
+    return run_cli(__doc__, add_args, read_corpus, argv, tasks=(ASR_TASK,))
 
 
 if __name__ == "__main__":

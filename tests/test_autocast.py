@@ -15,6 +15,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq_smoe.cli import params
 from fairseq_smoe.modules.expert_layer import ExpertLinear
 from fairseq_smoe.routing import RoutingTable
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (architecture, encoder route ids, decoder route ids): mixed routes, one route, and the learned gate
@@ -28,7 +29,7 @@ CASES = {
 def build(arch, device):
     torch.manual_seed(1)
     args = params.model_args(arch, RoutingTable(), dict(dropout=0.0, encoder_layers=2, decoder_layers=2))
-    return ARCH_MODEL_REGISTRY[arch].build_model(args, params._DictionaryOnlyTask(60)).to(device)
+    return ARCH_MODEL_REGISTRY[arch].build_model(args, DictionaryOnlyTask(60)).to(device)
 
 
 def batch(device, B=4, T=40, U=6, padded=True):

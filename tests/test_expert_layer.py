@@ -12,6 +12,7 @@ from fairseq.sequence_generator import EnsembleModel
 from fairseq_smoe.cli import params
 from fairseq_smoe.modules.expert_layer import ExpertLinear, SMoETransformerDecoderLayer, SMoETransformerEncoderLayer
 from fairseq_smoe.routing import RouteContext, RoutingTable
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 
 
 def layer_args(**kw):
@@ -57,9 +58,14 @@ def test_each_expert_is_a_full_dense_decoder_ffn():
 
 def test_experts_are_independent_parameters():
     ctx = RouteContext(2, "encoder")
-    fc = ExpertLinear(8, 16, 2, ctx)
+    fc = ExpertLinear(8, 16, 2, ctx, "fc1")
     assert fc.weight.shape == (2, 16, 8) and fc.bias.shape == (2, 16)
     assert not torch.equal(fc.weight[0], fc.weight[1])
+
+
+def test_role_is_fc1_or_fc2():
+    with pytest.raises(ValueError, match=r"role must be one of \('fc1', 'fc2'\), got 'standalone'"):
+        ExpertLinear(4, 6, 2, RouteContext(2, "encoder"), "standalone")
 
 
 class CallLog:
@@ -73,9 +79,15 @@ class CallLog:
         return self.original(x, expert)
 
 
-def test_single_route_batch_calls_only_that_expert_on_the_whole_batch():
+def expert_ffn(num_experts, ctx, d_in=4, d_hidden=6, d_out=5):
+    """An expert FFN's two maps, as the S-MoE layers build them (the activation left out: it acts row-wise)."""
+    return ExpertLinear(d_in, d_hidden, num_experts, ctx, "fc1"), ExpertLinear(d_hidden, d_out, num_experts, ctx, "fc2")
+
+
+@pytest.mark.parametrize("role", ["fc1", "fc2"])
+def test_single_route_batch_calls_only_that_expert_on_the_whole_batch(role):
     ctx = RouteContext(3, "encoder")
-    fc = ExpertLinear(4, 6, 3, ctx)
+    fc = ExpertLinear(4, 6, 3, ctx, role)
     log = CallLog(fc)
     x = torch.randn(5, 4, 4)
     with ctx.use(torch.tensor([2, 2, 2, 2]), 4):
@@ -84,30 +96,46 @@ def test_single_route_batch_calls_only_that_expert_on_the_whole_batch():
     assert torch.allclose(y, x @ fc.weight[2].T + fc.bias[2])
 
 
-def test_mixed_batch_never_runs_an_unused_expert_and_puts_rows_back():
+def test_mixed_batch_never_runs_an_unused_expert_and_puts_rows_back(monkeypatch):
+    from fairseq_smoe.modules import expert_layer
+
+    spans_run = []
+    original = expert_layer.grouped_linear
+
+    def logged(x, weight, bias, spans):
+        spans_run.append([(e, hi - lo) for e, lo, hi in spans])
+        return original(x, weight, bias, spans)
+
+    monkeypatch.setattr(expert_layer, "grouped_linear", logged)
     ctx = RouteContext(3, "encoder")
-    fc = ExpertLinear(4, 6, 3, ctx)
-    log = CallLog(fc)
-    x = torch.randn(5, 4, 4)
+    fc1, fc2 = expert_ffn(3, ctx)
+    x = torch.randn(5, 4, 4)  # T x B x C
     ids = torch.tensor([2, 0, 2, 0])
     with ctx.use(ids, 4):
-        y = fc(x)
-    assert sorted(log.calls) == [(0, 2), (2, 2)]  # expert 1 is never called
+        y = fc2(fc1(x))
+    # fc1 and fc2 each run experts 0 and 2 on their two batch rows (5 steps each); expert 1 never
+    assert spans_run == [[(0, 10), (2, 10)], [(0, 10), (2, 10)]]
+    assert y.shape == (5, 4, 5)
     for b, e in enumerate(ids.tolist()):
-        assert torch.allclose(y[:, b], x[:, b] @ fc.weight[e].T + fc.bias[e], atol=1e-6)
+        ref = (x[:, b] @ fc1.weight[e].T + fc1.bias[e]) @ fc2.weight[e].T + fc2.bias[e]
+        assert torch.allclose(y[:, b], ref, atol=1e-5)
 
 
-def test_unused_expert_gets_zero_not_missing_gradient():
-    ctx = RouteContext(2, "encoder")
-    fc = ExpertLinear(4, 6, 2, ctx)
-    with ctx.use(torch.tensor([0, 0]), 2):
-        fc(torch.randn(3, 2, 4)).sum().backward()
-    assert fc.weight.grad is not None
-    assert fc.weight.grad[1].abs().sum() == 0 and fc.weight.grad[0].abs().sum() > 0
+@pytest.mark.parametrize("ids", [[0, 0], [0, 2, 2]], ids=["one-route", "mixed"])
+def test_unused_expert_gets_zero_not_missing_gradient(ids):
+    ctx = RouteContext(3, "encoder")
+    fc1, fc2 = expert_ffn(3, ctx)
+    with ctx.use(torch.tensor(ids), len(ids)):
+        fc2(fc1(torch.randn(3, len(ids), 4))).sum().backward()
+    for fc in (fc1, fc2):
+        assert fc.weight.grad is not None and fc.bias.grad is not None
+        assert fc.weight.grad[1].abs().sum() == 0 and fc.bias.grad[1].abs().sum() == 0
+        for used in set(ids):
+            assert fc.weight.grad[used].abs().sum() > 0
 
 
 def test_expert_layer_refuses_to_run_without_routes():
-    fc = ExpertLinear(4, 6, 2, RouteContext(2, "decoder"))
+    fc = ExpertLinear(4, 6, 2, RouteContext(2, "decoder"), "fc1")
     with pytest.raises(RuntimeError, match="no routes"):
         fc(torch.randn(1, 1, 4))
 
@@ -119,7 +147,7 @@ def model():
     args = params.model_args("s2t_encdec_smoe_xs", RoutingTable(), dict(dropout=0.0, encoder_layers=2, decoder_layers=2))
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, params._DictionaryOnlyTask(60)).eval()
+    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, DictionaryOnlyTask(60)).eval()
 
 
 def batch(B=4, T=40, U=6, seed=0):

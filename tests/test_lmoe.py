@@ -14,8 +14,9 @@ import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 from fairseq_smoe.cli import params
-from fairseq_smoe.routing import RoutingTable
 from fairseq_smoe.modules.switch_layer import AuxLossCollector, SwitchLinear, SwitchState
+from fairseq_smoe.routing import RoutingTable
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -117,7 +118,7 @@ def test_bad_switch_settings_are_refused():
 
 def build(arch, **overrides):
     args = params.model_args(arch, RoutingTable(), dict(dropout=0.0, **overrides))
-    return ARCH_MODEL_REGISTRY[arch].build_model(args, params._DictionaryOnlyTask(60)), args
+    return ARCH_MODEL_REGISTRY[arch].build_model(args, DictionaryOnlyTask(60)), args
 
 
 def test_model_has_as_many_experts_as_routes_and_reports_one_record_per_switch_layer():

@@ -42,7 +42,7 @@ from ..routing import (
 
 logger = logging.getLogger(__name__)
 
-ENCODER_ROUTE_KEY = "encoder_route_ids"
+# encoder_out key of the decoder route ids (the collater's net_input names them alike)
 DECODER_ROUTE_KEY = "decoder_route_ids"
 # [CPU scalar tensor] when every row of the batch takes one decoder route, else []: any beam-search reordering keeps
 # a one-route batch one-route, so incremental decoding steps need no device-to-host copy of the route ids

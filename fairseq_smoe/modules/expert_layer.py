@@ -107,14 +107,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sp
 
 
 class ExpertLinear(nn.Module):
-    """``num_experts`` parallel ``nn.Linear(in_features, out_features)`` maps, routed per batch row."""
+    """``num_experts`` parallel ``nn.Linear(in_features, out_features)`` maps, routed per batch row.
 
-    # ``fc1`` returns a mixed batch's rows packed by route for the ``fc2`` of the same FFN to unpack;
-    # ``standalone`` maps T x B x C to T x B x out in place
-    ROLES = ("standalone", "fc1", "fc2")
+    One of the two maps of an expert FFN: ``fc1`` maps T x B x C to a mixed batch's rows packed by route, for the
+    ``fc2`` of the same FFN to map and put back in place as T x B x out.
+    """
+
+    ROLES = ("fc1", "fc2")
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, context: Optional[RouteContext],
-                 role: str = "standalone"):
+                 role: str):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -148,12 +150,8 @@ class ExpertLinear(nn.Module):
             return self.expert_forward(x, routes.single)
         if self.role == "fc1":  # T x B x C -> packed (B sorted by route) x T x out
             return self._per_span(x.transpose(0, BATCH_DIM).index_select(0, routes.perm), routes)
-        if self.role == "fc2":  # packed -> T x B x out (contiguous, like a dense layer's), rows back in place
-            return self._per_span(x, routes).transpose(0, BATCH_DIM).index_select(BATCH_DIM, routes.inverse)
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for expert, rows in routes.groups:
-            out.index_copy_(BATCH_DIM, rows, self.expert_forward(x.index_select(BATCH_DIM, rows), expert))
-        return out
+        # fc2: packed -> T x B x out (contiguous, like a dense layer's), rows back in place
+        return self._per_span(x, routes).transpose(0, BATCH_DIM).index_select(BATCH_DIM, routes.inverse)
 
     def _per_span(self, packed: torch.Tensor, routes) -> torch.Tensor:
         """Experts on a B-major tensor whose batch rows are sorted by route (``routes.spans``)."""

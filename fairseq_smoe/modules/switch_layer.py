@@ -90,10 +90,7 @@ class SwitchLinear(ExpertLinear):
     """One of the two linear maps of ``num_experts`` switch-routed FFN experts (``role`` ``fc1`` or ``fc2``)."""
 
     def __init__(self, in_features: int, out_features: int, state: SwitchState, role: str, model_dim: int):
-        super().__init__(in_features, out_features, state.num_experts, context=None)
-        if role not in ("fc1", "fc2"):
-            raise ValueError(f"role must be fc1 or fc2, got {role!r}")
-        self.role = role
+        super().__init__(in_features, out_features, state.num_experts, context=None, role=role)
         self.state = state
         if role == "fc1":
             self.gate = nn.Linear(model_dim, state.num_experts, bias=False)

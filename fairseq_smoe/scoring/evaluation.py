@@ -79,10 +79,6 @@ def bleu_from_sums(counts: Sequence[float], totals: Sequence[float], sys_len: fl
     return round(b.score, 2)
 
 
-def strip_symbols(tokens, symbols) -> List[int]:
-    return [t for t in tokens if t not in symbols]
-
-
 def as_counts(values) -> np.ndarray:
     """Summed counts as an int64 array, whatever type they arrive in.
 

@@ -445,16 +445,25 @@ def test_stock_without_languages(capsys, stock, work):
 
 
 # --------------------------------------------------------------------------------- training and resuming
+@pytest.fixture(scope="module")
+def train_data(work) -> Path:
+    """pre_move's 8 utterances as a train split (fairseq's S2T task wants train* names)."""
+    root = work / "train_data"
+    shutil.copytree(DATA, root, ignore=shutil.ignore_patterns("*.pt", "expected.json", "make.py"))
+    shutil.copyfile(root / "test.tsv", root / "train.tsv")
+    return root
+
+
 @pytest.mark.parametrize("arch", ["s2t_encdec_smoe_xs", "s2t_encdec_lmoe_xs"])
-def test_finetune_then_resume(arch, upcycled, work):
+def test_finetune_then_resume(arch, upcycled, train_data, work):
     path, info = upcycled[arch]
     save = work / f"train_{arch}"
     crit = s2t_lmoe.MOE_CRITERION if "lmoe" in arch else "label_smoothed_cross_entropy"
 
     def train(max_update):
-        cmd = [str(BIN / "fairseq-train"), str(DATA), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
+        cmd = [str(BIN / "fairseq-train"), str(train_data), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
                "--config-yaml", "config.yaml", "--arch", arch, *info["train_flags"], "--criterion", crit,
-               "--label-smoothing", "0.1", "--train-subset", "test", "--valid-subset", "test",
+               "--label-smoothing", "0.1", "--train-subset", "train", "--valid-subset", "test",
                "--disable-validation", "--optimizer", "adam", "--lr", "1e-3", "--max-sentences", "4",
                "--max-update", str(max_update), "--seed", "1", "--save-dir", str(save), "--cpu", "--num-workers",
                "0", "--no-epoch-checkpoints", "--finetune-from-model", str(path)]
@@ -468,7 +477,7 @@ def test_finetune_then_resume(arch, upcycled, work):
     assert checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))["optimizer_history"][-1][
         "num_updates"] == 2
     log = train(4)
-    assert re.search(rf"loaded checkpoint {re.escape(str(save / 'checkpoint_last.pt'))} \(epoch \d+ @ 2 updates\)",
+    assert re.search(rf"Loaded checkpoint {re.escape(str(save / 'checkpoint_last.pt'))} \(epoch \d+ @ 2 updates\)",
                      log), log[-3000:]
     assert "loading pretrained model from" not in log  # checkpoint_last.pt wins over --finetune-from-model
     last = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from ..data import audio
-from ..data.manifest import MANIFEST_COLUMNS  # the one column list (recipes and tools import it from here too)
+from ..data.manifest import MANIFEST_COLUMNS  # the column list lives there; manifest_row and write_manifest use it
 from ..data.vocab import build_vocab, guiding_tokens
 from ..routing import RoutingTable, smoe_config
 
@@ -134,7 +134,7 @@ def _call_star(args):
     return _call(fn, x)
 
 
-def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True, extra: Optional[Dict] = None,
+def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True,
                  routes: Optional[RoutingTable] = None) -> Path:
     """``config.yaml`` with utterance CMVN, optional SpecAugment (LB policy) and the S-MoE routes (``routes``, else
     the defaults; :func:`fairseq_smoe.routing.smoe_config` writes the section)."""
@@ -148,7 +148,6 @@ def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True, extra
                         "time_mask_p": 1.0, "time_wrap_W": 0},
         "smoe": smoe,
     }
-    cfg.update(extra or {})
     path = Path(out_dir) / "config.yaml"
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))

@@ -482,3 +482,46 @@ def test_finetune_then_resume(arch, upcycled, train_data, work):
     assert "loading pretrained model from" not in log  # checkpoint_last.pt wins over --finetune-from-model
     last = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
     assert last["optimizer_history"][-1]["num_updates"] == 4
+
+
+# ------------------------------------------------------------------------------------ sizes and routes
+def test_size_by_name_or_by_value():
+    """The dense run's own overrides carry over (same named size); a stock model whose dimensions equal the
+    paper size (s2t_transformer_m) needs no flag; fairseq's s2t_transformer_s is no plugin size."""
+    tiny = up.arch_defaults("s2t_smoe_base_xs")
+    tiny.encoder_layers, tiny.encoder_embed_dim = 2, 32
+    assert up.check_size(tiny, "s2t_smoe_base_xs", "s2t_encdec_lmoe_xs", "d.pt", False) == []
+    medium = up.arch_defaults("s2t_transformer_m")
+    assert up.check_size(medium, "s2t_transformer_m", "s2t_dec_smoe", "m.pt", False) == []
+    small = up.arch_defaults("s2t_transformer_s")
+    with pytest.raises(up.UpcycleError, match=r"encoder_ffn_embed_dim: s2t_dec_smoe_s has 1024, the dense model 2048"):
+        up.check_size(small, "s2t_transformer_s", "s2t_dec_smoe_s", "s.pt", False)
+    assert len(up.check_size(small, "s2t_transformer_s", "s2t_dec_smoe_s", "s.pt", True)) == 2  # FFN, conv
+
+
+def test_routes_from_data_config(dense_ckpt, work, dense_model):
+    """--data's config.yaml routes the target: three decoder routes give three experts (and a learned gate room
+    for every token in one expert: eval capacity factor 3), still the dense model at step 0 on every route."""
+    root = work / "three_routes"
+    shutil.copytree(DATA, root, ignore=shutil.ignore_patterns("*.pt", "expected.json", "make.py"))
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["smoe"]["decoder_routes"] = ["transcribe", "translate:es", "translate:de"]
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    task = make_task(root)
+    sample = whole_test_set(task)
+    real = sample["target"].ne(task.tgt_dict.pad())
+    real[:, : sample["decoder_prefix"].size(1)] = True
+    for arch in ("s2t_dec_smoe_xs", "s2t_dec_lmoe_xs"):
+        info = up.upcycle(str(dense_ckpt), arch, str(work / f"three_{arch}.pt"), data=str(root))
+        state = checkpoint_utils.load_checkpoint_to_cpu(info["out"])
+        sig = signature.decode(state["model"][signature.SIGNATURE_KEY])
+        assert sig["decoder_routes"] == ["transcribe", "translate:es", "translate:de"]
+        assert state["model"]["decoder.layers.0.fc1.weight"].shape[0] == 3
+        if "lmoe" in arch:
+            assert state["cfg"]["model"].moe_eval_capacity_factor == 3.0
+            assert info["train_flags"][-2:] == ["--moe-eval-capacity-factor", "3.0"]
+        model = load(Path(info["out"]), task)
+        for dec in range(3):
+            diff = (logits(model, sample["net_input"], enc=0, dec=dec)
+                    - logits(dense_model, sample["net_input"], enc=0, dec=0)).abs()[real].max().item()
+            assert diff <= 1e-5, (arch, dec, diff)

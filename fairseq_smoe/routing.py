@@ -2,38 +2,64 @@
 
 Encoder experts are keyed by input bandwidth (``wb``, ``nb``); decoder experts by the task guiding token
 (``transcribe``, ``translate``), optionally refined by target language (``translate:de``). The lists live in
-``config.yaml`` (``smoe: {encoder_routes: [...], decoder_routes: [...]}``), so a new bandwidth, task or language is
-one more entry there and one more expert in the model, with no code change.
+``config.yaml`` (``smoe: {encoder_routes: [...], decoder_routes: [...]}``), and so do the manifest tasks and their
+guiding tokens (``smoe.tasks``) and the tasks scored as ASR (``smoe.asr_tasks``), so a new bandwidth, task or
+language is one more entry there, its guiding token in the vocabulary and one more expert in the model, with no code
+change (``tests/test_third_route.py`` adds a ``summarize`` route so).
+
+This module is the route contract: the guiding prefix (:data:`PREFIX_LEN`, :meth:`RoutingTable.prefix_symbols`),
+which rows are ASR rows (:meth:`RoutingTable.asr_rows`, carried per batch in :class:`RoutePlan`), the batching key
+(:meth:`RoutingTable.batch_keys`) and the guiding symbols of a dictionary are asked of it, never restated.
 """
 
 import functools
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 
 # The bandwidth labels a row's audio carries (manifest ``bandwidth`` column). The paper sends WB speech to E0 and NB
 # speech to E1: the default encoder routes are the labels in this order.
-BANDWIDTHS: Tuple[str, ...] = ("wb", "nb")
+WB, NB = "wb", "nb"
+BANDWIDTHS: Tuple[str, ...] = (WB, NB)
 DEFAULT_ENCODER_ROUTES: Tuple[str, ...] = BANDWIDTHS
 DEFAULT_DECODER_ROUTES: Tuple[str, ...] = ("transcribe", "translate")
 
-# Manifest ``task`` values and the guiding token each puts at the start of the target.
+# Manifest ``task`` values and the guiding token each puts at the start of the target (``smoe.tasks`` in config.yaml
+# replaces this mapping, e.g. to add ``sum: summarize``).
 ASR_TASK, ST_TASK = "asr", "st"
 TASK_TO_GUIDING_TOKEN: Dict[str, str] = {ASR_TASK: "transcribe", ST_TASK: "translate"}
+# The tasks whose target is the transcript of the audio (``smoe.asr_tasks``): their rows are scored by WER, get the
+# auxiliary CTC loss and joint CTC/attention decoding; the rows of every other task are scored by BLEU.
+DEFAULT_ASR_TASKS: Tuple[str, ...] = (ASR_TASK,)
+
+# The guiding prefix every target starts with: the task's guiding token, then the target-language tag. Fed to the
+# decoder, never scored, forced at generation.
+PREFIX_LEN = 2
+LANG_TAG_TEMPLATE = "<lang:{}>"
 
 
-def is_asr_task(task: str) -> bool:
+def is_asr_task(task: str, asr_tasks: Sequence[str] = DEFAULT_ASR_TASKS) -> bool:
     """Rows of this manifest ``task`` are scored by WER (and get the auxiliary CTC loss); the others by BLEU."""
-    return task == ASR_TASK
+    return task in asr_tasks
 
 
 def smoe_config(encoder_routes: Sequence[str] = DEFAULT_ENCODER_ROUTES,
-                decoder_routes: Sequence[str] = DEFAULT_DECODER_ROUTES) -> Dict[str, List[str]]:
-    """The ``smoe:`` section of a data directory's ``config.yaml`` (what every prep pipeline writes)."""
-    return {"encoder_routes": list(encoder_routes), "decoder_routes": list(decoder_routes)}
-LANG_TAG_TEMPLATE = "<lang:{}>"
+                decoder_routes: Sequence[str] = DEFAULT_DECODER_ROUTES,
+                tasks: Optional[Mapping[str, str]] = None,
+                asr_tasks: Optional[Sequence[str]] = None) -> Dict:
+    """The ``smoe:`` section of a data directory's ``config.yaml`` (what every prep pipeline writes).
+
+    ``tasks``/``asr_tasks`` are written only when given: the defaults (:data:`TASK_TO_GUIDING_TOKEN`,
+    :data:`DEFAULT_ASR_TASKS`) need no entry.
+    """
+    out: Dict = {"encoder_routes": list(encoder_routes), "decoder_routes": list(decoder_routes)}
+    if tasks is not None:
+        out["tasks"] = dict(tasks)
+    if asr_tasks is not None:
+        out["asr_tasks"] = list(asr_tasks)
+    return out
 
 
 def guiding_token(name: str) -> str:
@@ -44,6 +70,17 @@ def guiding_token(name: str) -> str:
 def lang_tag(lang: str) -> str:
     """``es`` -> ``<lang:es>`` (fairseq's S2T language-tag format)."""
     return LANG_TAG_TEMPLATE.format(lang)
+
+
+def is_lang_tag(symbol: str) -> bool:
+    """Whether a dictionary symbol is a target-language tag (``<lang:xx>``)."""
+    head, tail = LANG_TAG_TEMPLATE.split("{}")
+    return symbol.startswith(head) and symbol.endswith(tail) and len(symbol) > len(head) + len(tail)
+
+
+def route_token(route: str) -> str:
+    """The guiding-token name a decoder route is reached by: ``translate:de`` -> ``translate``."""
+    return route.split(":", 1)[0]
 
 
 def parse_route_list(value, what: str) -> Tuple[str, ...]:
@@ -61,28 +98,69 @@ def parse_route_list(value, what: str) -> Tuple[str, ...]:
     return tuple(items)
 
 
+def parse_task_map(value, what: str = "smoe.tasks") -> Dict[str, str]:
+    """``{task: guiding-token name}``, e.g. ``{asr: transcribe, st: translate, sum: summarize}``."""
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{what} must be a non-empty mapping of manifest task to guiding-token name, got {value!r}")
+    out = {}
+    for task, token in value.items():
+        if not isinstance(task, str) or not task.strip() or not isinstance(token, str) or not token.strip():
+            raise ValueError(f"{what}: task and guiding-token names must be non-empty strings, got {task!r}: {token!r}")
+        if any(c in token for c in "<>: \t"):
+            raise ValueError(f"{what}: guiding-token name {token!r} (task {task!r}) must be bare, e.g. summarize "
+                             f"(the dictionary symbol is <summarize>)")
+        out[task.strip()] = token.strip()
+    return out
+
+
 class RoutingTable:
-    """Maps sample metadata to expert indices; the list order is the expert order in the model."""
+    """The route contract: which expert a row's metadata selects, and everything else derived from a row's task.
+
+    The route lists' order is the expert order in the model. ``tasks`` maps each manifest ``task`` to the guiding
+    token its targets start with (which also names its decoder route); ``asr_tasks`` are the tasks scored by WER (see
+    :data:`DEFAULT_ASR_TASKS`). Everything else about routes (the guiding prefix, which rows are ASR, the batching
+    key, the guiding symbols of a dictionary) is asked of this class, so that a new task, bandwidth or language is
+    configuration and vocabulary only.
+    """
 
     def __init__(
         self,
         encoder_routes: Sequence[str] = DEFAULT_ENCODER_ROUTES,
         decoder_routes: Sequence[str] = DEFAULT_DECODER_ROUTES,
+        tasks: Optional[Mapping[str, str]] = None,
+        asr_tasks: Optional[Sequence[str]] = None,
     ):
         self.encoder_routes = parse_route_list(encoder_routes, "encoder_routes")
         self.decoder_routes = parse_route_list(decoder_routes, "decoder_routes")
+        self.tasks: Dict[str, str] = parse_task_map(TASK_TO_GUIDING_TOKEN if tasks is None else tasks)
+        self.asr_tasks: Tuple[str, ...] = tuple(DEFAULT_ASR_TASKS if asr_tasks is None else asr_tasks)
+        unknown = [t for t in self.asr_tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"smoe.asr_tasks names task(s) {unknown} that smoe.tasks does not map "
+                             f"(tasks are {list(self.tasks)})")
+        asr_tokens = {self.tasks[t] for t in self.asr_tasks}
+        mixed = sorted({tok for t, tok in self.tasks.items() if t not in self.asr_tasks} & asr_tokens)
+        if mixed:
+            raise ValueError(f"smoe.tasks: guiding token(s) {mixed} serve both an ASR task and another task: which "
+                             f"rows are ASR must follow from the decoder route")
         self._enc = {name: i for i, name in enumerate(self.encoder_routes)}
         self._dec = {name: i for i, name in enumerate(self.decoder_routes)}
+        self._asr_routes = np.array([route_token(r) in asr_tokens for r in self.decoder_routes], dtype=bool)
 
     def __eq__(self, other):
         return (
             isinstance(other, RoutingTable)
             and self.encoder_routes == other.encoder_routes
             and self.decoder_routes == other.decoder_routes
+            and self.tasks == other.tasks
+            and self.asr_tasks == other.asr_tasks
         )
 
     def __repr__(self):
-        return f"RoutingTable(encoder={list(self.encoder_routes)}, decoder={list(self.decoder_routes)})"
+        extra = ""
+        if self.tasks != TASK_TO_GUIDING_TOKEN or self.asr_tasks != DEFAULT_ASR_TASKS:
+            extra = f", tasks={self.tasks}, asr_tasks={list(self.asr_tasks)}"
+        return f"RoutingTable(encoder={list(self.encoder_routes)}, decoder={list(self.decoder_routes)}{extra})"
 
     @property
     def num_encoder_routes(self) -> int:
@@ -92,6 +170,7 @@ class RoutingTable:
     def num_decoder_routes(self) -> int:
         return len(self.decoder_routes)
 
+    # ------------------------------------------------------------------ routes by name
     def encoder_route_id(self, bandwidth: str) -> int:
         try:
             return self._enc[bandwidth]
@@ -99,6 +178,15 @@ class RoutingTable:
             raise KeyError(
                 f"bandwidth {bandwidth!r} has no encoder route; routes are {list(self.encoder_routes)}"
             ) from None
+
+    def route_id(self, side: str, route: str) -> int:
+        """The expert index of a route named exactly (``encoder``: ``wb``; ``decoder``: ``translate:de``)."""
+        routes = {"encoder": self._enc, "decoder": self._dec}.get(side)
+        if routes is None:
+            raise ValueError(f"side must be 'encoder' or 'decoder', got {side!r}")
+        if route not in routes:
+            raise KeyError(f"{route!r} is not one of the {side} routes {list(routes)}")
+        return routes[route]
 
     def decoder_route_name(self, task_token: str, tgt_lang: Optional[str]) -> str:
         """``translate`` + ``de`` -> ``translate:de`` if that route exists, else ``translate``."""
@@ -120,10 +208,55 @@ class RoutingTable:
         """The guiding-token names the decoder routes mention (``translate:de`` -> ``translate``)."""
         seen: List[str] = []
         for route in self.decoder_routes:
-            name = route.split(":", 1)[0]
+            name = route_token(route)
             if name not in seen:
                 seen.append(name)
         return seen
+
+    # ------------------------------------------------------------------ a row's task
+    def task_token(self, task: str) -> str:
+        """The guiding-token name of a manifest ``task`` (``asr`` -> ``transcribe``)."""
+        try:
+            return self.tasks[task]
+        except KeyError:
+            raise KeyError(f"unknown task {task!r}; expected one of {list(self.tasks)}") from None
+
+    def is_asr_task(self, task: str) -> bool:
+        return is_asr_task(task, self.asr_tasks)
+
+    def decoder_route_of_task(self, task: str, tgt_lang: Optional[str]) -> int:
+        return self.decoder_route_id(self.task_token(task), tgt_lang)
+
+    def prefix_symbols(self, task: str, tgt_lang: str) -> List[str]:
+        """The guiding prefix of a row, as dictionary symbols: ``<transcribe> <lang:en>`` (:data:`PREFIX_LEN` long)."""
+        return [guiding_token(self.task_token(task)), lang_tag(tgt_lang)]
+
+    def guiding_symbols(self) -> List[str]:
+        """The task guiding tokens (``<transcribe>``, ...) of the tasks and the decoder routes, not the lang tags."""
+        names = list(dict.fromkeys(list(self.tasks.values()) + self.task_tokens()))
+        return [guiding_token(n) for n in names]
+
+    def guiding_token_ids(self, dictionary) -> Set[int]:
+        """Ids of every guiding symbol a fairseq dictionary holds: task tokens and ``<lang:xx>`` tags.
+
+        Never generated after the forced prefix and stripped from hypotheses and references.
+        """
+        wanted = set(self.guiding_symbols())
+        return {i for sym, i in dictionary.indices.items() if sym in wanted or is_lang_tag(sym)}
+
+    # ------------------------------------------------------------------ per-row masks and keys from route ids
+    def asr_decoder_routes(self) -> np.ndarray:
+        """Per decoder route: do its rows belong to an ASR task (bool array, expert order)?"""
+        return self._asr_routes.copy()
+
+    def asr_rows(self, decoder_ids) -> np.ndarray:
+        """Which rows are ASR rows (bool array), from their decoder route ids (host ids: no device transfer)."""
+        return self._asr_routes[np.asarray(decoder_ids, dtype=np.int64)]
+
+    def batch_keys(self, encoder_ids, decoder_ids) -> np.ndarray:
+        """One integer per (encoder, decoder) route pair, ordered by pair: the homogeneous-batching key."""
+        return (np.asarray(encoder_ids, dtype=np.int64) * self.num_decoder_routes
+                + np.asarray(decoder_ids, dtype=np.int64))
 
     def to_args(self) -> Dict[str, str]:
         """Model-argument form, saved in every checkpoint so a mismatch is caught at load time."""
@@ -131,6 +264,15 @@ class RoutingTable:
             "encoder_routes": ",".join(self.encoder_routes),
             "decoder_routes": ",".join(self.decoder_routes),
         }
+
+
+def asr_rows_of(net_input: Mapping, table: RoutingTable) -> np.ndarray:
+    """The per-row ASR mask of a batch, on the host: the collater's (``route_plan.asr``) or, for batches without a
+    plan, derived from one host copy of ``decoder_route_ids``."""
+    plan = net_input.get("route_plan")
+    if isinstance(plan, RoutePlan) and plan.asr is not None:
+        return plan.asr
+    return table.asr_rows(net_input["decoder_route_ids"].cpu().numpy())
 
 
 class RouteBatch:
@@ -200,9 +342,9 @@ class RoutePlan:
     to one host copy of the id tensors.
     """
 
-    __slots__ = ("encoder", "decoder")
+    __slots__ = ("encoder", "decoder", "asr")
 
-    def __init__(self, encoder_ids, decoder_ids):
+    def __init__(self, encoder_ids, decoder_ids, asr=None):
         # own copies: an array from ``tensor.numpy()`` shares the tensor's memory, which a data-loader worker frees
         # when it moves the batch's tensors to shared memory to send them (the plan would then read freed memory)
         self.encoder = np.array(encoder_ids, dtype=np.int64, copy=True)
@@ -212,6 +354,12 @@ class RoutePlan:
                 f"a route plan needs one encoder and one decoder route per sample, got shapes "
                 f"{self.encoder.shape} and {self.decoder.shape}"
             )
+        # which rows are ASR rows (RoutingTable.asr_rows of the decoder ids): what the CTC loss, joint CTC decoding
+        # and WER/BLEU scoring ask instead of task strings or tokens
+        self.asr = None if asr is None else np.array(asr, dtype=bool, copy=True)
+        if self.asr is not None and self.asr.shape != self.decoder.shape:
+            raise ValueError(f"a route plan's ASR mask needs one entry per sample, got shape {self.asr.shape} for "
+                             f"{self.decoder.shape[0]} samples")
 
     @property
     def batch_size(self) -> int:
@@ -230,10 +378,10 @@ class RoutePlan:
         return int(ids[0])
 
     def __getstate__(self):  # __slots__ without __dict__: pickled for data-loader workers
-        return self.encoder, self.decoder
+        return self.encoder, self.decoder, self.asr
 
     def __setstate__(self, state):
-        self.encoder, self.decoder = state
+        self.encoder, self.decoder, self.asr = state
 
     def __repr__(self):
         return f"RoutePlan(encoder={self.encoder.tolist()}, decoder={self.decoder.tolist()})"
@@ -335,7 +483,3 @@ def _forward_with_routes(forward, context: RouteContext, *args, smoe_routes: Opt
         return forward(*args, **kwargs)
     with context.bound(smoe_routes):
         return forward(*args, **kwargs)
-
-
-def route_ids_tensor(values: Iterable[int]) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.long)

@@ -107,6 +107,11 @@ def test_collater_keeps_routes_aligned_with_length_sorted_samples(corpus):
     assert batch["ntokens"] == int(batch["target_lengths"].sum())
 
 
+def route_pair(ds, index):
+    """The (encoder, decoder) route ids of a sample, from the dataset's public id arrays."""
+    return int(ds.encoder_routes[index]), int(ds.decoder_routes[index])
+
+
 def test_batches_are_homogeneous_by_default_and_mixed_on_request(tmp_path):
     rows = [(f"u{i}", 0.3 + 0.05 * i, [8000, 16000][i % 2], ["asr", "st"][(i // 2) % 2],
              ["en", "es"][(i // 2) % 2], TEXT[["en", "es"][(i // 2) % 2]][i % 4]) for i in range(16)]
@@ -117,15 +122,15 @@ def test_batches_are_homogeneous_by_default_and_mixed_on_request(tmp_path):
     batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
     assert sorted(int(i) for b in batches for i in b) == list(range(16))
     for b in batches:
-        assert len({ds.route_pair(int(i)) for i in b}) == 1
-    assert len({ds.route_pair(int(b[0])) for b in batches}) == 4
+        assert len({route_pair(ds, int(i)) for i in b}) == 1
+    assert len({route_pair(ds, int(b[0])) for b in batches}) == 4
 
     write_corpus(tmp_path / "m", rows, {"smoe": {"homogeneous_batches": False}})
     task = make_task(tmp_path / "m")
     task.load_dataset("train")
     ds = task.datasets["train"]
     batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
-    assert any(len({ds.route_pair(int(i)) for i in b}) > 1 for b in batches)
+    assert any(len({route_pair(ds, int(i)) for i in b}) > 1 for b in batches)
 
 
 def test_homogeneous_batches_keep_route_pairs_apart_for_any_number_of_decoder_routes(tmp_path):
@@ -136,13 +141,16 @@ def test_homogeneous_batches_keep_route_pairs_apart_for_any_number_of_decoder_ro
     task = make_task(tmp_path)
     task.load_dataset("train")
     ds = task.datasets["train"]
+    from fairseq_smoe.routing import RoutingTable
+
+    ds.routing_table = RoutingTable(["wb", "nb"], ["transcribe", "translate"] + [f"r{i}" for i in range(999)])
     ds.decoder_routes = ds.decoder_routes * 1000  # decoder routes 0 and 1000 of a 1001-route table
-    pairs = {ds.route_pair(i) for i in range(len(ds))}
+    pairs = {route_pair(ds, i) for i in range(len(ds))}
     assert (1, 0) in pairs and (0, 1000) in pairs  # 1 * 1000 + 0 == 0 * 1000 + 1000
     batches = ds.batch_by_size(ds.ordered_indices(), max_sentences=3)
     assert sorted(int(i) for b in batches for i in b) == list(range(16))
     for b in batches:
-        assert len({ds.route_pair(int(i)) for i in b}) == 1, [ds.route_pair(int(i)) for i in b]
+        assert len({route_pair(ds, int(i)) for i in b}) == 1, [route_pair(ds, int(i)) for i in b]
 
 
 def test_collater_hands_the_routes_to_the_model_on_the_host_too(corpus):
@@ -156,6 +164,9 @@ def test_collater_hands_the_routes_to_the_model_on_the_host_too(corpus):
     assert isinstance(plan, RoutePlan)
     assert plan.encoder.tolist() == batch["net_input"]["encoder_route_ids"].tolist()
     assert plan.decoder.tolist() == batch["net_input"]["decoder_route_ids"].tolist()
+    # which rows are ASR rows, from the decoder routes (transcribe = 0), in the batch's row order
+    assert plan.asr.tolist() == [t == "asr" for t in batch["tasks"]]
+    assert plan.asr.tolist() == (batch["net_input"]["decoder_route_ids"] == 0).tolist()
 
 
 def test_force_task_decodes_an_asr_set_as_st(corpus):

@@ -107,7 +107,7 @@ def test_unknown_or_missing_route_is_a_clear_error(smoe_checkpoint):
     proc, log = run([sys.executable, "-m", "fairseq_smoe.cli.export", "--checkpoint", ckpt, "--encoder-route", "sb",
                      "--decoder-route", "transcribe", "--out", work / "x.pt"], cwd=work, check=False)
     assert proc.returncode == 2
-    assert "--encoder-route 'sb' is not one of the checkpoint's encoder routes ['wb', 'nb']" in proc.stderr
+    assert "--encoder-route 'sb' is not one of the encoder routes ['wb', 'nb'] of the checkpoint" in proc.stderr
     assert not (work / "x.pt").exists()
     with pytest.raises(export.ExportError, match="decoder experts \\['transcribe', 'translate'\\]: choose one with "
                                                  "--decoder-route"):

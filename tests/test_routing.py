@@ -105,3 +105,65 @@ def test_route_plan_holds_host_ids_and_knows_one_route_batches():
     assert RoutePlan([], []).single("decoder") is None
     with pytest.raises(ValueError, match="where must be 'encoder' or 'decoder'"):
         plan.single("ctc")
+
+
+def test_the_default_task_contract_reproduces_asr_and_st():
+    from fairseq.data import Dictionary
+
+    from fairseq_smoe.data.audio import bandwidth_from_rate
+    from fairseq_smoe.routing import BANDWIDTHS, PREFIX_LEN, is_asr_task, is_lang_tag
+
+    t = RoutingTable()
+    assert BANDWIDTHS == ("wb", "nb") == t.encoder_routes  # one bandwidth order, routing's
+    assert (bandwidth_from_rate(8000), bandwidth_from_rate(16000)) == ("nb", "wb")
+    assert t.tasks == {"asr": "transcribe", "st": "translate"} and t.asr_tasks == ("asr",)
+    assert t.prefix_symbols("asr", "en") == ["<transcribe>", "<lang:en>"]
+    assert t.prefix_symbols("st", "es") == ["<translate>", "<lang:es>"] and PREFIX_LEN == 2
+    assert t.decoder_route_of_task("st", "es") == 1 and t.is_asr_task("asr") and not t.is_asr_task("st")
+    assert is_asr_task("asr") and not is_asr_task("st")
+    assert is_lang_tag("<lang:es>") and not is_lang_tag("<lang:>") and not is_lang_tag("<translate>")
+    with pytest.raises(KeyError, match=r"unknown task 'sum'; expected one of \['asr', 'st'\]"):
+        t.task_token("sum")
+    d = Dictionary()
+    for sym in ["▁the", "<transcribe>", "<translate>", "<lang:en>", "<lang:es>", "<summarize>"]:
+        d.add_symbol(sym)
+    assert t.guiding_token_ids(d) == {d.index(s) for s in ["<transcribe>", "<translate>", "<lang:en>", "<lang:es>"]}
+
+
+def test_which_rows_are_asr_and_the_batching_key_come_from_route_ids():
+    t = RoutingTable(["wb", "nb"], ["transcribe", "translate", "translate:de", "summarize"],
+                     tasks={"asr": "transcribe", "st": "translate", "sum": "summarize"})
+    assert t.asr_decoder_routes().tolist() == [True, False, False, False]
+    assert t.asr_rows([3, 0, 2, 0]).tolist() == [False, True, False, True]
+    assert t.guiding_symbols() == ["<transcribe>", "<translate>", "<summarize>"]
+    # one key per pair, ordered by (encoder, decoder), for any number of decoder routes
+    big = RoutingTable(["wb", "nb"], [f"r{i}" for i in range(1001)], tasks={"asr": "r0"})
+    keys = big.batch_keys([1, 0, 0, 1], [0, 1000, 0, 1000])
+    assert len(set(keys.tolist())) == 4 and np.argsort(keys).tolist() == [2, 1, 0, 3]
+    assert t.route_id("decoder", "translate:de") == 2
+    with pytest.raises(KeyError, match=r"'sb' is not one of the encoder routes \['wb', 'nb'\]"):
+        t.route_id("encoder", "sb")
+
+
+def test_task_config_is_checked():
+    cfg = SMoEDataConfig.from_dict({"decoder_routes": ["transcribe", "translate", "summarize"],
+                                    "tasks": {"asr": "transcribe", "st": "translate", "sum": "summarize"},
+                                    "asr_tasks": ["asr"]})
+    assert cfg.routing_table.decoder_route_of_task("sum", "en") == 2
+    with pytest.raises(ConfigError, match=r"smoe.asr_tasks names task\(s\) \['dict'\]"):
+        SMoEDataConfig.from_dict({"asr_tasks": ["dict"]})
+    with pytest.raises(ConfigError, match=r"guiding token\(s\) \['transcribe'\] serve both an ASR task and another"):
+        SMoEDataConfig.from_dict({"tasks": {"asr": "transcribe", "dictation": "transcribe"}})
+    with pytest.raises(ConfigError, match="must be bare, e.g. summarize"):
+        SMoEDataConfig.from_dict({"tasks": {"sum": "<summarize>"}})
+    with pytest.raises(ConfigError, match="smoe.tasks must be a non-empty mapping"):
+        SMoEDataConfig.from_dict({"tasks": ["asr"]})
+
+
+def test_route_plan_carries_the_asr_mask_through_pickling():
+    import pickle
+
+    plan = pickle.loads(pickle.dumps(RoutePlan([0, 1], [1, 0], [False, True])))
+    assert plan.asr.tolist() == [False, True] and plan.decoder.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="ASR mask needs one entry per sample"):
+        RoutePlan([0, 1], [1, 0], [True])

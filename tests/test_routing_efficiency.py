@@ -11,6 +11,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq_smoe.cli import params
 from fairseq_smoe.modules.expert_layer import GroupedLinear, SMoETransformerEncoderLayer, grouped_linear
 from fairseq_smoe.routing import RouteBatch, RouteContext, RoutingTable
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 
 GATHER_SCATTER = {"index_select", "index_copy_", "index_copy", "gather", "scatter", "scatter_", "index_put_",
                   "take_along_dim", "__getitem__"}
@@ -33,7 +34,7 @@ class CountCalls(TorchFunctionMode):
 def model():
     torch.manual_seed(0)
     args = params.model_args("s2t_encdec_smoe_xs", RoutingTable(), dict(dropout=0.0))
-    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, params._DictionaryOnlyTask(60)).eval()
+    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, DictionaryOnlyTask(60)).eval()
 
 
 def batch(B=4, T=40, U=6):
@@ -102,7 +103,7 @@ def test_mixed_batch_gradients_equal_the_sum_of_each_rows_gradients():
     torch.manual_seed(0)
     args = params.model_args("s2t_encdec_smoe_xs", RoutingTable(), dict(dropout=0.0, encoder_layers=2,
                                                                          decoder_layers=1))
-    model = ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, params._DictionaryOnlyTask(60))
+    model = ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, DictionaryOnlyTask(60))
     src, lengths, prev = batch()
     enc, dec = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 1, 0, 0])
     model(src, lengths, prev, enc, dec)[0].sum().backward()
@@ -133,7 +134,7 @@ def test_one_route_beam_search_does_no_route_work_per_step(model, route_batches,
     src, lengths, _ = batch(B=2)
     net_input = {"src_tokens": src, "src_lengths": lengths, "encoder_route_ids": torch.tensor([0, 0]),
                  "decoder_route_ids": torch.tensor(dec_routes)}
-    task = params._DictionaryOnlyTask(60)
+    task = DictionaryOnlyTask(60)
     gen = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_a=0, max_len_b=6, min_len=6)
     with torch.no_grad():
         hypos = gen.generate([model], {"net_input": net_input})

@@ -33,6 +33,46 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint trained with another routing table or dictionary than the data it is used with."""
 
 
+class RoutingMismatchError(CheckpointMismatchError):
+    """A model whose arguments (from its checkpoint) route its experts otherwise than this run's config.yaml."""
+
+
+def _side_routes(routes) -> Optional[list]:
+    """Route list of one side, from the signature's list or the model arguments' comma-separated form."""
+    if routes is None or isinstance(routes, list):
+        return routes
+    return routes.split(",") if routes else None
+
+
+def check_routes(have: Dict[str, Optional[list]], want: Dict[str, Optional[list]], describe, error=None) -> None:
+    """The one route-mismatch check: per side, ``have`` (what the weights were trained with) must equal ``want``
+    (this run's routes; None: no experts on that side, not checked). ``describe(side, have, want)`` words the
+    error."""
+    for side in ("encoder", "decoder"):
+        key = f"{side}_routes"
+        if have.get(key) != want.get(key):
+            raise (error or CheckpointMismatchError)(describe(side, have.get(key), want.get(key)))
+
+
+def check_model_args_routes(args, table: RoutingTable, config_yaml: str) -> None:
+    """Refuse model arguments (e.g. a checkpoint's, at decoding time) whose experts are routed otherwise than
+    ``table`` (this run's ``config.yaml``); sides without experts, or without routes in the arguments, pass."""
+    own = table.to_args()
+    have, want = {}, {}
+    for side, uses_experts in (("encoder", "encoder_smoe"), ("decoder", "decoder_smoe")):
+        key = f"{side}_routes"
+        saved = getattr(args, key, None)
+        if saved and getattr(args, uses_experts, False):
+            have[key], want[key] = _side_routes(saved), _side_routes(own[key])
+
+    def describe(side, h, w):
+        return (f"the model's {side} experts are routed as [{','.join(h)}] but {config_yaml} (smoe.{side}_routes) "
+                f"says [{','.join(w)}]: expert i would receive another route's data. Use the routing table the "
+                f"model was trained with.")
+
+    check_routes(have, want, describe, RoutingMismatchError)
+
+
 def dictionary_md5(d: Dictionary) -> str:
     return hashlib.md5("\n".join(d.symbols).encode("utf-8")).hexdigest()
 
@@ -66,16 +106,16 @@ def _checkpoint_name() -> str:
 def compare(saved: Optional[dict], own: dict, dict_path: str, embed_rows: Optional[int]) -> None:
     """Raise :class:`CheckpointMismatchError` if a checkpoint's signature (or embedding size) differs from ``own``."""
     ckpt = _checkpoint_name()
-    for side in ("encoder", "decoder"):
-        key = f"{side}_routes"
-        if saved is not None and saved.get(key) != own[key]:
-            have = "no experts" if saved.get(key) is None else f"{side} experts routed as {saved[key]}"
-            want = "no experts" if own[key] is None else f"{side} experts routed as {own[key]}"
-            raise CheckpointMismatchError(
-                f"{ckpt} was trained with {have}, but this run's model has {want} (config.yaml smoe.{key} and "
-                f"--arch): expert i would receive another route's data. Use the routing table and architecture the "
-                f"checkpoint was trained with."
-            )
+
+    def describe(side, h, w):
+        have = "no experts" if h is None else f"{side} experts routed as {h}"
+        want = "no experts" if w is None else f"{side} experts routed as {w}"
+        return (f"{ckpt} was trained with {have}, but this run's model has {want} (config.yaml smoe.{side}_routes "
+                f"and --arch): expert i would receive another route's data. Use the routing table and architecture "
+                f"the checkpoint was trained with.")
+
+    if saved is not None:
+        check_routes(saved, own, describe)
     size = saved["dictionary_size"] if saved is not None else embed_rows
     if size is not None and size != own["dictionary_size"]:
         raise CheckpointMismatchError(

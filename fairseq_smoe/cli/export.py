@@ -12,9 +12,9 @@ The checkpoint holds only plain types (no ``argparse.Namespace``), so stock fair
 Stock ``speech_to_text`` needs data it can read, which ``--data/--subsets/--out-data`` writes: the rows of the
 exported route pair, their fbank as ``.npy`` (computed by this plugin: NB audio resampled to 16 kHz, so stock
 fairseq sees exactly the features the S-MoE model saw), targets already split into SentencePiece pieces and
-starting with the two guiding tokens (stock ``--prefix-size 2`` forces them from there), a copy of the dictionary
-in which the task token is renamed to ``<lang:transcribe>``-style (stock S2T strips ``<lang:*>`` tokens from its
-output, so hypotheses and references carry no guiding tokens, as with the plugin), and a ``config.yaml`` without the
+starting with the guiding prefix (stock ``--prefix-size 2``, ``routing.PREFIX_LEN``, forces it from there), a copy
+of the dictionary in which the task tokens are renamed ``<lang:transcribe>``-style (stock S2T strips ``<lang:*>``
+tokens from its output, so hypotheses and references carry no guiding tokens, as with the plugin), and a ``config.yaml`` without the
 plugin's keys. Then::
 
     fairseq-generate dense_data --task speech_to_text --config-yaml config.yaml --gen-subset test_asr_wb \\
@@ -35,20 +35,20 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fairseq import checkpoint_utils
 
+from ..checkpoint.safety import plain_containers
+from ..checkpoint.signature import SIGNATURE_KEY
 from ..data.manifest import STOCK_MANIFEST_COLUMNS
 from ..prep.common import atomic_path, write_manifest
-from ..routing import RoutingTable, lang_tag
+from ..routing import PREFIX_LEN, RoutingTable, lang_tag
 from ..tasks.dictionary_only import DictionaryOnlyTask
 
 logger = logging.getLogger("fairseq_smoe.cli.export")
 
 # model arguments only this plugin knows; stock s2t_transformer must not see them
 PLUGIN_MODEL_KEYS = ("encoder_smoe", "decoder_smoe", "encoder_routes", "decoder_routes", "user_dir")
-SIGNATURE_KEY = "smoe_signature"
 EXPERT_KEY = {
     "encoder": re.compile(r"^encoder\.transformer_layers\.\d+\.fc[12]\.(weight|bias)$"),
     "decoder": re.compile(r"^decoder\.layers\.\d+\.fc[12]\.(weight|bias)$"),
@@ -61,20 +61,9 @@ class ExportError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- checkpoint
 def _plain(value):
-    """Namespaces/omegaconf containers as plain dicts/lists, so the checkpoint loads under ``weights_only``."""
-    if isinstance(value, Namespace):
-        value = vars(value)
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value
-    return str(value)  # enums and the like
+    """Plain dicts/lists of a checkpoint's config or model arguments, so that the dense checkpoint loads under
+    ``weights_only`` (what is left unplain, :func:`_assert_plain` names)."""
+    return plain_containers(vars(value) if isinstance(value, Namespace) else value)
 
 
 def _model_args(state: dict) -> Namespace:
@@ -86,16 +75,19 @@ def _model_args(state: dict) -> Namespace:
     return Namespace(**_plain(model_cfg))
 
 
-def _route_index(routes: Tuple[str, ...], name: Optional[str], side: str, has_experts: bool) -> Optional[int]:
-    if name is not None and name not in routes:
-        raise ExportError(
-            f"--{side}-route {name!r} is not one of the checkpoint's {side} routes {list(routes)}"
-        )
+def _route_index(table: RoutingTable, name: Optional[str], side: str, has_experts: bool,
+                 whose: str = "the checkpoint") -> Optional[int]:
+    if name is not None:
+        try:
+            index = table.route_id(side, name)
+        except KeyError as e:
+            raise ExportError(f"--{side}-route {e.args[0]} of {whose}") from None
     if not has_experts:
         return None
     if name is None:
-        raise ExportError(f"the checkpoint has {side} experts {list(routes)}: choose one with --{side}-route")
-    return routes.index(name)
+        raise ExportError(f"the checkpoint has {side} experts {list(getattr(table, f'{side}_routes'))}: choose one "
+                          f"with --{side}-route")
+    return index
 
 
 CTC_PREFIX = "encoder.ctc_proj."
@@ -137,8 +129,8 @@ def export_checkpoint(checkpoint: str, encoder_route: Optional[str], decoder_rou
             f"s2t_enc_smoe, s2t_encdec_smoe, ...); a learned-gate MoE routes every token, so it has no dense path"
         )
     table = routing_table_from_args(args)
-    enc = _route_index(table.encoder_routes, encoder_route, "encoder", bool(getattr(args, "encoder_smoe", False)))
-    dec = _route_index(table.decoder_routes, decoder_route, "decoder", bool(getattr(args, "decoder_smoe", False)))
+    enc = _route_index(table, encoder_route, "encoder", bool(getattr(args, "encoder_smoe", False)))
+    dec = _route_index(table, decoder_route, "decoder", bool(getattr(args, "decoder_smoe", False)))
     model_state = dense_state_dict(state["model"], enc, dec, {"encoder": table.num_encoder_routes,
                                                                "decoder": table.num_decoder_routes})
     dense_args = copy.deepcopy(args)
@@ -212,20 +204,19 @@ def export_data(data: str, config_yaml: str, subsets: List[str], encoder_route: 
     """Write the rows of one route pair as data stock ``speech_to_text`` reads; rows written per subset."""
     from fairseq import options, tasks
 
-    from ..routing import TASK_TO_GUIDING_TOKEN, guiding_token
-
     out = Path(out_dir).resolve()
     parser = options.get_generation_parser()
     gen_args = options.parse_args_and_arch(parser, [data, "--task", "speech_to_text_smoe", "--config-yaml",
                                                     config_yaml, "--cpu"])
     task = tasks.setup_task(gen_args)
     table: RoutingTable = task.routing_table
-    enc_id = None if encoder_route is None else _route_index(table.encoder_routes, encoder_route, "encoder", True)
-    dec_id = None if decoder_route is None else _route_index(table.decoder_routes, decoder_route, "decoder", True)
+    whose = f"{data}/{config_yaml}"
+    enc_id = None if encoder_route is None else _route_index(table, encoder_route, "encoder", True, whose)
+    dec_id = None if decoder_route is None else _route_index(table, decoder_route, "decoder", True, whose)
     tgt_dict = task.tgt_dict
 
     # the dictionary, with task tokens renamed so that stock S2T strips them from its output like language tags
-    renamed = {guiding_token(t): lang_tag(t) for t in TASK_TO_GUIDING_TOKEN.values()}
+    renamed = {sym: lang_tag(sym[1:-1]) for sym in table.guiding_symbols()}
     clash = [new for old, new in renamed.items() if new in tgt_dict.indices and old in tgt_dict.indices]
     if clash:
         raise ExportError(f"the dictionary already has {clash}; cannot rename the task tokens")
@@ -305,7 +296,7 @@ def main(argv=None) -> int:
                                   info["decoder_route"], a.out_data)
             print(f"wrote {a.out_data}: " + ", ".join(f"{k} ({v} rows)" for k, v in written.items()))
             print(f"decode with: fairseq-generate {a.out_data} --task speech_to_text --config-yaml {a.config_yaml} "
-                  f"--gen-subset {a.subsets.split(',')[0]} --path {a.out} --prefix-size 2 "
+                  f"--gen-subset {a.subsets.split(',')[0]} --path {a.out} --prefix-size {PREFIX_LEN} "
                   f"--post-process sentencepiece --beam 5")
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,9 +3,9 @@
 ``loss = label_smoothed_ce + ctc_weight * ctc``: hybrid CTC/attention training (Watanabe et al. 2017; ESPnet's
 default). A small attention model trained from scratch on little speech first learns to recite likely training
 sentences and only later to listen; CTC ties every encoder frame to the transcript from the first update, so the
-encoder learns acoustics at once. Only ASR rows get it: an ST row shares its audio (and its encoder input) with an
-ASR row, and the encoder does not know the task, so CTC towards a translation would fight CTC towards the
-transcript. The guiding prefix and ``</s>`` are not CTC targets; ``<s>`` (index 0, unused in targets) is the blank,
+encoder learns acoustics at once. Only ASR rows get it (rows of ``smoe.asr_tasks``, told by the collater's per-row
+mask): an ST row shares its audio (and its encoder input) with an ASR row, and the encoder does not know the task,
+so CTC towards a translation would fight CTC towards the transcript. The guiding prefix and ``</s>`` are not CTC targets; ``<s>`` (index 0, unused in targets) is the blank,
 as in fairseq's ``ctc`` criterion.
 
 The CTC projection is fairseq's own ``S2TTransformerEncoder.ctc_proj``, built when ``--ctc-weight`` > 0. Plain
@@ -16,6 +16,7 @@ decoding, exported models and active-parameter counts leave it out; joint CTC/at
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from ..models.s2t_smoe import ENCODER_OUT_KEY
+from ..routing import RoutingTable, asr_rows_of
 from .logging_output import label_smoothed_logging_output
 
 
@@ -52,6 +54,8 @@ class LabelSmoothedCrossEntropyAsrCtcCriterion(LabelSmoothedCrossEntropyCriterio
         self.blank_idx = d.bos()
         self.pad_idx = d.pad()
         self.eos_idx = d.eos()
+        # which rows are ASR rows follows from their decoder routes (speech_to_text_smoe's table; default otherwise)
+        self.routing_table = getattr(task, "routing_table", None) or RoutingTable()
 
     def ctc_loss(self, model, net_output, sample):
         """Summed CTC loss over the batch's ASR rows and how many rows that was."""
@@ -63,8 +67,8 @@ class LabelSmoothedCrossEntropyAsrCtcCriterion(LabelSmoothedCrossEntropyCriterio
                 f"--criterion label_smoothed_cross_entropy_asr_ctc needs a model with a CTC projection that returns "
                 f"its encoder output (the s2t_smoe architectures: {type(model).__name__} does not)"
             )
-        # the collater's per-row task list is on the host: no device-to-host sync to find the ASR rows
-        asr = [i for i, task in enumerate(sample["tasks"]) if task == "asr"]
+        # the collater's per-row ASR mask (from the decoder route ids) is on the host: no device-to-host sync
+        asr = np.flatnonzero(asr_rows_of(sample["net_input"], self.routing_table)).tolist()
         x = encoder_out["encoder_out"][0]  # T x B x C
         if not asr:
             # zero, but through the projection, so that every parameter still gets a (zero) gradient

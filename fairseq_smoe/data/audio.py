@@ -15,11 +15,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ..routing import BANDWIDTHS, NB, WB  # noqa: F401  (the labels and their order are routing's)
+
 TARGET_SAMPLE_RATE = 16000
 NB_EDGE_HZ = 4000
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg"}
 FEATURE_EXTENSIONS = {".npy"}
-BANDWIDTHS = ("nb", "wb")
 SUPPORTED_RATES = (8000, 48000)  # lowest and highest sample rate accepted (resampled to 16 kHz)
 
 
@@ -196,7 +197,7 @@ def num_fbank_frames(num_samples_16k: int) -> int:
 
 def bandwidth_from_rate(sr: int) -> str:
     """8 kHz (and anything below 16 kHz) is narrowband; 16 kHz and above is wideband."""
-    return "nb" if sr < TARGET_SAMPLE_RATE else "wb"
+    return NB if sr < TARGET_SAMPLE_RATE else WB
 
 
 def high_band_energy_db(wav: np.ndarray, sr: int) -> float:
@@ -219,7 +220,7 @@ def high_band_energy_db(wav: np.ndarray, sr: int) -> float:
 
 def spectral_bandwidth(wav: np.ndarray, sr: int, threshold_db: float) -> str:
     """``nb`` when the energy above 4 kHz is below ``threshold_db`` of the total (e.g. NB stored at 16 kHz)."""
-    return "nb" if high_band_energy_db(wav, sr) < threshold_db else "wb"
+    return NB if high_band_energy_db(wav, sr) < threshold_db else WB
 
 
 def telephone_channel(wav: np.ndarray, sr: int, mu_law: bool = True) -> np.ndarray:

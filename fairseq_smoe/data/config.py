@@ -5,6 +5,8 @@ Example::
     smoe:
       encoder_routes: [wb, nb]              # expert order; paper: WB -> E0, NB -> E1
       decoder_routes: [transcribe, translate]
+      tasks: {asr: transcribe, st: translate}   # manifest task -> guiding token (and decoder route); the default
+      asr_tasks: [asr]                      # tasks scored by WER, trained with CTC; the others by BLEU (default)
       bandwidth_detection: rate             # rate | spectral (for rows whose manifest has no bandwidth)
       spectral_threshold_db: -50.0          # spectral: energy above 4 kHz below this -> nb
       homogeneous_batches: true             # one task and bandwidth per batch, batches interleaved
@@ -12,10 +14,18 @@ Example::
 Unknown keys and wrong types are errors: a typo must not silently fall back to a default.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Tuple
 
-from ..routing import DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, RoutingTable, parse_route_list
+from ..routing import (
+    DEFAULT_ASR_TASKS,
+    DEFAULT_DECODER_ROUTES,
+    DEFAULT_ENCODER_ROUTES,
+    TASK_TO_GUIDING_TOKEN,
+    RoutingTable,
+    parse_route_list,
+    parse_task_map,
+)
 
 BANDWIDTH_DETECTION = ("rate", "spectral")
 
@@ -28,6 +38,8 @@ class ConfigError(ValueError):
 class SMoEDataConfig:
     encoder_routes: Tuple[str, ...] = DEFAULT_ENCODER_ROUTES
     decoder_routes: Tuple[str, ...] = DEFAULT_DECODER_ROUTES
+    tasks: Dict[str, str] = field(default_factory=lambda: dict(TASK_TO_GUIDING_TOKEN))
+    asr_tasks: Tuple[str, ...] = DEFAULT_ASR_TASKS
     bandwidth_detection: str = "rate"
     spectral_threshold_db: float = -50.0
     homogeneous_batches: bool = True
@@ -49,6 +61,18 @@ class SMoEDataConfig:
                     values[key] = parse_route_list(raw[key], f"smoe.{key}")
                 except ValueError as e:
                     raise ConfigError(f"{where}: {e}") from None
+        if "tasks" in raw:
+            try:
+                values["tasks"] = parse_task_map(raw["tasks"])
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if "asr_tasks" in raw:
+            v = raw["asr_tasks"]
+            if isinstance(v, str):
+                v = [v]
+            if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) and t for t in v):
+                raise ConfigError(f"{where}: smoe.asr_tasks must be a list of task names, got {v!r}")
+            values["asr_tasks"] = tuple(v)
         if "bandwidth_detection" in raw:
             v = raw["bandwidth_detection"]
             if v not in BANDWIDTH_DETECTION:
@@ -64,8 +88,13 @@ class SMoEDataConfig:
             if not isinstance(v, bool):
                 raise ConfigError(f"{where}: smoe.homogeneous_batches must be true or false, got {v!r}")
             values["homogeneous_batches"] = v
-        return cls(**values)
+        cfg = cls(**values)
+        try:
+            cfg.routing_table  # the route lists, tasks and ASR tasks checked together
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return cfg
 
     @property
     def routing_table(self) -> RoutingTable:
-        return RoutingTable(self.encoder_routes, self.decoder_routes)
+        return RoutingTable(self.encoder_routes, self.decoder_routes, self.tasks, self.asr_tasks)

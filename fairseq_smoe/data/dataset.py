@@ -1,8 +1,8 @@
 """Bandwidth-aware speech-to-text dataset: manifest rows -> fbank + guided target + encoder/decoder route ids.
 
-Manifest columns, reading and row checks: :mod:`fairseq_smoe.data.manifest`.
-Targets become ``<transcribe> <lang:en> ... </s>`` (ASR) or ``<translate> <lang:es> ... </s>`` (ST). The two-token
-prefix is fed to the decoder but masked (pad) in ``target``, so no criterion scores it; generation forces it from
+Manifest columns, reading and row checks: :mod:`fairseq_smoe.data.manifest`. Targets become
+``<transcribe> <lang:en> ... </s>`` (ASR) or ``<translate> <lang:es> ... </s>`` (ST): the guiding prefix
+(:meth:`fairseq_smoe.routing.RoutingTable.prefix_symbols`, ``PREFIX_LEN`` tokens) is fed to the decoder but masked (pad) in ``target``, so no criterion scores it; generation forces it from
 ``decoder_prefix``, which comes from the manifest (or a command-line override), never from the reference.
 """
 
@@ -22,12 +22,9 @@ from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset, Speec
 from . import audio
 from .config import SMoEDataConfig
 from .manifest import ManifestError, ParsedRow, RowChecker, derive_bandwidth, manifest_base, read_manifest  # noqa: F401
-from ..routing import RoutePlan
+from ..routing import PREFIX_LEN, RoutePlan
 
 logger = logging.getLogger(__name__)
-
-PREFIX_LEN = 2  # task guiding token + target-language tag
-
 
 @dataclass
 class SMoEDatasetItem(SpeechToTextDatasetItem):
@@ -74,6 +71,7 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
             raise ValueError("config.yaml: use_audio_input is not supported; S-MoE models take fbank features")
         # set before the parent constructor, which logs repr(self)
         self.smoe_cfg = smoe_cfg
+        self.routing_table = smoe_cfg.routing_table
         self.audio_root = audio_root
         self.tasks = tasks
         self.bandwidths = bandwidths
@@ -179,7 +177,8 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         out["net_input"]["encoder_route_ids"] = enc
         out["net_input"]["decoder_route_ids"] = dec
         # the same ids on the host, for the model to group its rows without reading ids back from the device
-        out["net_input"]["route_plan"] = RoutePlan(enc.numpy(), dec.numpy())
+        # (and which rows are ASR rows, for the criteria, joint CTC decoding and scoring)
+        out["net_input"]["route_plan"] = RoutePlan(enc.numpy(), dec.numpy(), self.routing_table.asr_rows(dec.numpy()))
         out["decoder_prefix"] = torch.stack([s.prefix for s in samples]).index_select(0, order)
         out["tasks"] = [self.tasks[int(i)] for i in out["id"]]
         return out
@@ -193,9 +192,7 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         if not self.smoe_cfg.homogeneous_batches:
             groups = [indices]
         else:
-            # one key per (encoder, decoder) route pair, for any number of decoder routes
-            num_decoder_routes = int(self.decoder_routes.max()) + 1 if len(self.decoder_routes) else 1
-            keys = self.encoder_routes[indices] * num_decoder_routes + self.decoder_routes[indices]
+            keys = self.routing_table.batch_keys(self.encoder_routes[indices], self.decoder_routes[indices])
             groups = [indices[keys == key] for key in np.unique(keys)]  # each keeps the length order
         batches = []
         for group in groups:
@@ -210,9 +207,6 @@ class SMoESpeechToTextDataset(SpeechToTextDataset):
         if covered != len(indices):
             raise RuntimeError(f"{self.split}: batching covered {covered} of {len(indices)} samples")
         return batches
-
-    def route_pair(self, index: int):
-        return int(self.encoder_routes[index]), int(self.decoder_routes[index])
 
 
 def _slice_is_npy(ref: audio.AudioRef) -> bool:

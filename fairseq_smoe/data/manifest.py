@@ -20,7 +20,6 @@ from fairseq.data import Dictionary
 
 from . import audio
 from .config import SMoEDataConfig
-from ..routing import TASK_TO_GUIDING_TOKEN, guiding_token, lang_tag
 
 logger = logging.getLogger(__name__)
 
@@ -121,23 +120,23 @@ class RowChecker:
         task = self.force_task or row["task"]
         tgt_lang = self.force_tgt_lang or row["tgt_lang"]
         dec_route, prefix = None, []
-        if task not in TASK_TO_GUIDING_TOKEN:
-            problems.append(f"unknown task {task!r}; expected one of {list(TASK_TO_GUIDING_TOKEN)}")
+        if task not in self.table.tasks:
+            problems.append(f"unknown task {task!r}; expected one of {list(self.table.tasks)} (config.yaml smoe.tasks)")
         elif not tgt_lang:
             problems.append("empty tgt_lang")
         else:
-            token = TASK_TO_GUIDING_TOKEN[task]
             try:
-                dec_route = self.table.decoder_route_id(token, tgt_lang)
+                dec_route = self.table.decoder_route_of_task(task, tgt_lang)
             except KeyError as e:
                 problems.append(e.args[0])
             if self.tgt_dict is not None:
-                for sym in (guiding_token(token), lang_tag(tgt_lang)):
+                for sym in self.table.prefix_symbols(task, tgt_lang):
                     idx = self.tgt_dict.index(sym)
                     if idx == self.tgt_dict.unk():
                         problems.append(
                             f"guiding token {sym} is not in the dictionary; rebuild the vocabulary with "
-                            f"fairseq_smoe.data.vocab (it adds <transcribe>, <translate> and a <lang:xx> per language)"
+                            f"fairseq_smoe.data.vocab (it adds the guiding token of every decoder route and a "
+                            f"<lang:xx> per language)"
                         )
                     prefix.append(idx)
         try:

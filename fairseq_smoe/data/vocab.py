@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
-from ..routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag
+from ..routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag, route_token
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ SPM_SPECIALS = dict(unk_id=3, bos_id=0, eos_id=2, pad_id=1)
 
 
 def guiding_tokens(langs: Iterable[str], task_tokens: Sequence[str] = DEFAULT_DECODER_ROUTES) -> List[str]:
-    tokens = [guiding_token(t.split(":", 1)[0]) for t in task_tokens]
+    """The dictionary symbols of the decoder routes' guiding tokens (``translate:de`` -> ``<translate>``) and of
+    one ``<lang:xx>`` per target language."""
+    tokens = [guiding_token(route_token(t)) for t in task_tokens]
     tokens += [lang_tag(lang) for lang in sorted(set(langs))]
     return list(dict.fromkeys(tokens))
 

@@ -7,11 +7,12 @@ rest. An attention decoder trained briefly on little speech recites likely train
 same encoder (trained by ``label_smoothed_cross_entropy_asr_ctc``) has no text prior and keeps the hypothesis tied
 to the audio — ESPnet decodes its hybrid models this way.
 
-Only rows whose guiding prefix is ``<transcribe>`` are rescored (CTC is trained on transcripts); translation rows
-keep the decoder's scores. Candidates: the ``prebeam`` best tokens of the decoder per row, plus ``</s>``; guiding
-tokens after the forced prefix are never candidates. Which rows are ASR rows is read from the device once per batch
-(at the first step after the forced prefix) and then follows the rows through every beam reorder, so a decoding
-step itself asks the device nothing.
+Only ASR rows are rescored (CTC is trained on transcripts); the rows of other tasks keep the decoder's scores.
+Candidates: the ``prebeam`` best tokens of the decoder per row, plus ``</s>``; guiding tokens after the forced prefix
+are never candidates. Which rows are ASR rows comes with the batch: the collater's per-row mask (derived from the
+decoder route ids by :class:`~fairseq_smoe.routing.RoutingTable`), on the host, copied to the device once per batch
+and then following the rows through every beam reorder, so decoding never reads anything back from the device to
+find them.
 """
 
 import logging
@@ -24,7 +25,7 @@ from fairseq import utils
 from fairseq.sequence_generator import EnsembleModel
 
 from .ctc_prefix_score import CtcPrefixScorer
-from ..routing import TASK_TO_GUIDING_TOKEN, guiding_token
+from ..routing import PREFIX_LEN, RoutingTable, asr_rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def ctc_log_probs(encoder, encoder_out) -> Tuple[Tensor, Tensor]:
 
 
 class JointCtcAttentionEnsemble(EnsembleModel):
-    def __init__(self, models, tgt_dict, ctc_weight: float, prebeam: int, guiding_token_ids):
+    def __init__(self, models, tgt_dict, ctc_weight: float, prebeam: int, guiding_token_ids,
+                 routing_table: Optional[RoutingTable] = None):
         super().__init__(models)
         if not 0 < ctc_weight <= 1:
             raise ValueError(f"--ctc-decode-weight must be in (0, 1], got {ctc_weight}")
@@ -55,31 +57,32 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         self.ctc_weight = ctc_weight
         self.blank = tgt_dict.bos()  # as label_smoothed_cross_entropy_asr_ctc trains it
         self.eos = tgt_dict.eos()
-        self.transcribe = tgt_dict.index(guiding_token(TASK_TO_GUIDING_TOKEN["asr"]))
-        if self.transcribe == tgt_dict.unk():
-            raise ValueError(f"{guiding_token(TASK_TO_GUIDING_TOKEN['asr'])} is not in the dictionary")
+        self.routing_table = routing_table or RoutingTable()
         # tokens CTC can emit: real output tokens (no specials, no guiding tokens)
         self.emittable = torch.ones(len(tgt_dict), dtype=torch.bool)  # moved to the scores' device at the first step
         self.emittable[: tgt_dict.nspecial] = False
         self.emittable[sorted(guiding_token_ids)] = False
         self.num_candidates = min(prebeam, int(self.emittable.sum()))
         self.scorer: Optional[CtcPrefixScorer] = None
-        self.prefix_len = 2  # the guiding prefix beam search forces (the task sets it per batch)
-        # per hypothesis row: is it an ASR row (guiding token <transcribe>)? Set at the batch's first free step,
-        # reordered with the rows; ``any_asr``: whether the batch has one at all (asked of the device once)
+        self.prefix_len = PREFIX_LEN  # the guiding prefix beam search forces (the task sets it per batch)
+        # per hypothesis row: is it an ASR row? Set from the batch's route mask in forward_encoder, reordered with
+        # the rows; ``any_asr``: whether the batch has one at all (known on the host)
         self.asr_rows: Optional[Tensor] = None
         self.any_asr = False
 
     def forward_encoder(self, net_input: Dict[str, Tensor]):
         encoder_outs = super().forward_encoder(net_input)
-        self.scorer = CtcPrefixScorer(*ctc_log_probs(self.single_model.encoder, encoder_outs[0]), self.blank)
-        self.asr_rows, self.any_asr = None, False  # a new batch
+        log_probs, lengths = ctc_log_probs(self.single_model.encoder, encoder_outs[0])
+        self.scorer = CtcPrefixScorer(log_probs, lengths, self.blank)
+        asr = asr_rows_of(net_input, self.routing_table)  # host mask, one per row (a new batch)
+        self.any_asr = bool(asr.any())
+        self.asr_rows = torch.from_numpy(asr).to(log_probs.device, non_blocking=True)
         return encoder_outs
 
     def reorder_encoder_out(self, encoder_outs, new_order):
         if self.scorer is not None:
             self.scorer.index_select(new_order)
-        if self.asr_rows is not None:  # rows follow their hypotheses (finished sentences leave the batch)
+        if self.asr_rows is not None:  # rows follow their hypotheses (beam expansion, finished sentences leave)
             self.asr_rows = self.asr_rows.index_select(0, new_order.to(self.asr_rows.device))
         return super().reorder_encoder_out(encoder_outs, new_order)
 
@@ -88,14 +91,7 @@ class JointCtcAttentionEnsemble(EnsembleModel):
         lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
         scorer = self.scorer
         scorer.advance(tokens[:, -1])
-        if tokens.size(1) <= self.prefix_len:
-            return lprobs, attn  # the guiding prefix is being forced
-        if self.asr_rows is None:
-            # the first step after the forced prefix: every row holds its guiding token now. Read it once per
-            # batch (the only device -> host sync here), not at every step
-            self.asr_rows = tokens[:, 1].eq(self.transcribe)
-            self.any_asr = bool(self.asr_rows.any())
-        if not self.any_asr:
+        if tokens.size(1) <= self.prefix_len or not self.any_asr:  # the guiding prefix is being forced / no ASR row
             return lprobs, attn
         asr = self.asr_rows
         att = lprobs.float()

@@ -3,12 +3,13 @@
 What it adds to ``speech_to_text``:
 
 * targets start with a guiding prefix (``<transcribe> <lang:en>`` / ``<translate> <lang:es>``) built from the
-  manifest's ``task`` and ``tgt_lang``; criteria never score it, the generator forces it, and it is stripped from
+  manifest's ``task`` and ``tgt_lang`` by :class:`~fairseq_smoe.routing.RoutingTable` (``smoe.tasks`` in
+  config.yaml maps tasks to guiding tokens: a new task is configuration and vocabulary only); criteria never score it, the generator forces it, and it is stripped from
   hypotheses;
 * every batch carries encoder (bandwidth) and decoder (task) route ids in ``net_input``;
 * ``--force-task`` / ``--force-tgt-lang`` decode a test set as another task (e.g. an ASR set as ST);
-* ``--ctc-decode-weight`` decodes ASR rows with joint CTC/attention beam search (:mod:`.joint_ctc_decoding`);
-* validation decodes greedily and logs ``wer`` (ASR rows) and ``bleu`` (ST rows), usable as
+* ``--ctc-decode-weight`` decodes ASR rows with joint CTC/attention beam search (:mod:`fairseq_smoe.decoding.joint_ctc`);
+* validation decodes greedily and logs ``wer`` (rows of ``smoe.asr_tasks``) and ``bleu`` (the other rows), usable as
   ``--best-checkpoint-metric``; every batch logs the same keys, so that several processes can sum them;
 * precision: ``fairseq-generate --fp16`` feeds the halved model half inputs; ``--amp --amp-dtype bfloat16`` trains,
   validates and decodes under ``torch.autocast`` in bf16 on CUDA or the CPU, and ``--bf16`` (which fairseq reserves
@@ -34,13 +35,11 @@ from ..checkpoint import signature as model_signature
 from ..data.config import ConfigError, SMoEDataConfig
 from ..data.dataset import SMoEDatasetCreator
 from ..decoding.joint_ctc import JointCtcAttentionEnsemble
-from ..routing import TASK_TO_GUIDING_TOKEN, RoutingTable, guiding_token
+from ..routing import RoutingTable, asr_rows_of, guiding_token
 
 logger = logging.getLogger(__name__)
 
-
-class RoutingMismatchError(ValueError):
-    pass
+RoutingMismatchError = model_signature.RoutingMismatchError  # what check_model_args_routes raises
 
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,9 +90,9 @@ class SpeechToTextSMoETask(SpeechToTextTask):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        parser.add_argument("--force-task", choices=sorted(TASK_TO_GUIDING_TOKEN), default=None,
-                            help="decode every row as this task, whatever the manifest says (sets the guiding "
-                                 "token and the decoder route)")
+        parser.add_argument("--force-task", default=None, metavar="TASK",
+                            help="decode every row as this task (one of config.yaml's smoe.tasks; default asr, st), "
+                                 "whatever the manifest says (sets the guiding token and the decoder route)")
         parser.add_argument("--force-tgt-lang", type=str, default=None, metavar="LANG",
                             help="decode every row into this target language (sets the <lang:xx> tag)")
         parser.add_argument("--no-eval-scores", action="store_true",
@@ -119,17 +118,19 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         config_path = Path(args.data) / args.config_yaml
         self.smoe_cfg = SMoEDataConfig.from_dict(self.data_cfg.config.get("smoe"), where=str(config_path))
         self.routing_table: RoutingTable = self.smoe_cfg.routing_table
-        missing = [guiding_token(t) for t in self.routing_table.task_tokens() if tgt_dict.index(guiding_token(t)) == tgt_dict.unk()]
+        missing = [guiding_token(t) for t in self.routing_table.task_tokens()
+                   if tgt_dict.index(guiding_token(t)) == tgt_dict.unk()]
         if missing:
             raise ConfigError(
                 f"{Path(args.data) / self.data_cfg.vocab_filename}: guiding token(s) {missing} missing from the "
                 f"dictionary; build it with `python -m fairseq_smoe.data.vocab` (or add them as SentencePiece "
                 f"user-defined symbols)"
             )
-        self.guiding_token_ids = {
-            i for s, i in tgt_dict.indices.items()
-            if s.startswith("<lang:") or s in {guiding_token(t) for t in TASK_TO_GUIDING_TOKEN.values()}
-        }
+        force_task = getattr(args, "force_task", None)
+        if force_task and force_task not in self.routing_table.tasks:
+            raise ConfigError(f"--force-task {force_task}: not a task of {config_path} (smoe.tasks): "
+                              f"{list(self.routing_table.tasks)}")
+        self.guiding_token_ids = self.routing_table.guiding_token_ids(tgt_dict)
         self._eval_bpe = None
         self._logged_amp_dtype = set()  # the phases ("training", "decoding") whose autocast dtype was logged
         self._logged_shards = set()
@@ -250,17 +251,9 @@ class SpeechToTextSMoETask(SpeechToTextTask):
 
     def _check_or_set_routes(self, args):
         """Put the routing table in the model args (hence the checkpoint); refuse a model routed otherwise."""
-        table = self.routing_table.to_args()
-        for side, uses_experts in (("encoder", "encoder_smoe"), ("decoder", "decoder_smoe")):
-            key = f"{side}_routes"
-            have = getattr(args, key, None)
-            if have and have != table[key] and getattr(args, uses_experts, False):
-                raise RoutingMismatchError(
-                    f"the model's {side} experts are routed as [{have}] but {self.args.config_yaml} (smoe."
-                    f"{key}) says [{table[key]}]: expert i would receive another route's data. Use the routing "
-                    f"table the model was trained with."
-                )
-            setattr(args, key, table[key])
+        model_signature.check_model_args_routes(args, self.routing_table, self.args.config_yaml)
+        for key, value in self.routing_table.to_args().items():
+            setattr(args, key, value)
 
     # ------------------------------------------------------------ generation
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
@@ -277,7 +270,8 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         ctc_decode_weight = getattr(self.args, "ctc_decode_weight", 0.0)
         if ctc_decode_weight and not getattr(args, "score_reference", False):
             models = JointCtcAttentionEnsemble(models, self.tgt_dict, ctc_decode_weight,
-                                               getattr(self.args, "ctc_prebeam", 30), self.guiding_token_ids)
+                                               getattr(self.args, "ctc_prebeam", 30), self.guiding_token_ids,
+                                               routing_table=self.routing_table)
         return FairseqTask.build_generator(self, models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
                                            **kwargs)
 
@@ -351,18 +345,19 @@ class SpeechToTextSMoETask(SpeechToTextTask):
         gen_args = Namespace(beam=1, max_len_a=0, max_len_b=self.args.eval_max_len_b, min_len=1)
         generator = self.build_generator([model], gen_args)
         hypos = self.inference_step(generator, [model], sample)
-        by_task = {}
-        for i, task in enumerate(sample["tasks"]):
+        # rows of ASR tasks are scored by WER, the others by BLEU: the collater's per-row mask says which are which
+        asr = asr_rows_of(sample["net_input"], self.routing_table)
+        texts = {True: ([], []), False: ([], [])}
+        for i in range(len(hypos)):
             hyp = self._decode(hypos[i][0]["tokens"])
             ref = self._decode(utils.strip_pad(sample["target"][i], self.tgt_dict.pad()))
-            by_task.setdefault(task, ([], []))
-            by_task[task][0].append(hyp)
-            by_task[task][1].append(ref)
+            texts[bool(asr[i])][0].append(hyp)
+            texts[bool(asr[i])][1].append(ref)
         out = evaluation.empty_scores()  # every key on every batch: see evaluation.empty_scores
-        if "asr" in by_task:
-            out.update(evaluation.wer_stats(*by_task["asr"]))
-        if "st" in by_task:
-            out.update(evaluation.bleu_stats(*by_task["st"]))
+        if texts[True][0]:
+            out.update(evaluation.wer_stats(*texts[True]))
+        if texts[False][0]:
+            out.update(evaluation.bleu_stats(*texts[False]))
         return out
 
     def reduce_metrics(self, logging_outputs, criterion):

@@ -47,12 +47,12 @@ def make_batch(task, kind: str, size: int = 8) -> dict:
     ds = task.datasets["train"]
     by_pair = {}
     for i in range(len(ds)):
-        by_pair.setdefault(ds.route_pair(i), []).append(i)
+        by_pair.setdefault((int(ds.encoder_routes[i]), int(ds.decoder_routes[i])), []).append(i)
     if kind == "one-route":
         rows = next(iter(by_pair.values()))[:size]
     else:  # rows of every route pair, interleaved
         rows = [i for group in zip(*by_pair.values()) for i in group][:size]
-        assert len({ds.route_pair(i) for i in rows}) == len(by_pair) == 4
+        assert len({(int(ds.encoder_routes[i]), int(ds.decoder_routes[i])) for i in rows}) == len(by_pair) == 4
     return ds.collater([ds[i] for i in rows])
 
 

@@ -86,6 +86,48 @@ def from_pretrained(model_dir, checkpoint_file: str = "checkpoint_best.pt", data
     return SMoEHubInterface(loaded["args"], loaded["task"], loaded["models"], **hub_kwargs)
 
 
+def dictionary_languages(tgt_dict) -> List[str]:
+    """The languages with a ``<lang:xx>`` tag in the dictionary, in dictionary order."""
+    head = lang_tag("")[:-1]  # "<lang:"
+    return [s[len(head):-1] for s in tgt_dict.symbols if s.startswith(head) and s.endswith(">")]
+
+
+def resolve_route(task_obj, task: str, tgt_lang: Optional[str], default_lang: Optional[str] = None,
+                  default_tgt_lang: Optional[str] = None, option_hint: Optional[Tuple[str, str]] = None) -> dict:
+    """The decoder side of a request: manifest task, output language, decoder route id and guiding prefix ids.
+
+    The language is ``tgt_lang``, else the default for the task (ASR: ``default_lang``, ST: ``default_tgt_lang``),
+    else the dictionary's only language; else the error says what to pass (``option_hint``: the names of the
+    options for a command line, e.g. ``("--force-tgt-lang", "--force-tgt-lang")``).
+    """
+    if task not in TASK_TO_GUIDING_TOKEN:
+        raise HubError(f"task must be one of {sorted(TASK_TO_GUIDING_TOKEN)}, got {task!r}")
+    tgt_dict = task_obj.target_dictionary
+    languages = dictionary_languages(tgt_dict)
+    tags = [lang_tag(x) for x in languages]
+    if not tgt_lang:
+        tgt_lang = default_lang if task == ASR_TASK else default_tgt_lang
+    if not tgt_lang and len(languages) == 1:
+        tgt_lang = languages[0]
+    if not tgt_lang:
+        key = "lang" if task == ASR_TASK else "tgt_lang"
+        if option_hint:
+            ask = f"pass {option_hint[0] if task == ASR_TASK else option_hint[1]} LANG"
+        else:
+            ask = f"pass {key}=..., or set it once with from_pretrained(..., {key}=...)"
+        raise HubError(f"which language should the {task} output be in? {ask} (the dictionary has {tags}), "
+                       f"or set config.yaml's hub: {{{key}: ...}}")
+    if tgt_lang not in languages:
+        raise HubError(f"language {tgt_lang!r}: {lang_tag(tgt_lang)} is not in the model's dictionary (it has {tags})")
+    token = TASK_TO_GUIDING_TOKEN[task]
+    try:
+        decoder_route = task_obj.routing_table.decoder_route_id(token, tgt_lang)
+    except KeyError as e:
+        raise HubError(e.args[0]) from None
+    prefix = [tgt_dict.index(guiding_token(token)), tgt_dict.index(lang_tag(tgt_lang))]
+    return {"task": task, "lang": tgt_lang, "decoder_route": decoder_route, "prefix": prefix}
+
+
 class _InMemoryDataset(SMoESpeechToTextDataset):
     """The plugin's dataset over 16 kHz waveforms held in memory (``audio_paths`` are only labels).
 
@@ -140,8 +182,7 @@ class SMoEHubInterface(nn.Module):
             model.eval()
         self.tgt_dict = task.target_dictionary
         self.bpe = task.build_bpe(task.args)
-        self.languages = [s[len(lang_tag("")) - 1:-1] for s in self.tgt_dict.symbols
-                          if s.startswith(lang_tag("")[:-1]) and s.endswith(">")]
+        self.languages = dictionary_languages(self.tgt_dict)
         hub_cfg = task.data_cfg.hub or {}
         self.default_lang = lang or hub_cfg.get("lang")
         self.default_tgt_lang = tgt_lang or hub_cfg.get("tgt_lang")
@@ -248,29 +289,7 @@ class SMoEHubInterface(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _route(self, task: str, tgt_lang: Optional[str]) -> dict:
-        if task not in TASK_TO_GUIDING_TOKEN:
-            raise HubError(f"task must be one of {sorted(TASK_TO_GUIDING_TOKEN)}, got {task!r}")
-        if not tgt_lang:
-            tgt_lang = self.default_lang if task == ASR_TASK else self.default_tgt_lang
-        if not tgt_lang and len(self.languages) == 1:
-            tgt_lang = self.languages[0]
-        if not tgt_lang:
-            what = "lang=" if task == ASR_TASK else "tgt_lang="
-            raise HubError(
-                f"which language should the {task} output be in? pass {what}... (the dictionary has "
-                f"{[lang_tag(x) for x in self.languages]}), or set it once with from_pretrained(..., {what}...) "
-                f"or config.yaml's hub: {{{'lang' if task == ASR_TASK else 'tgt_lang'}: ...}}"
-            )
-        if tgt_lang not in self.languages:
-            raise HubError(f"language {tgt_lang!r}: {lang_tag(tgt_lang)} is not in the model's dictionary "
-                           f"(it has {[lang_tag(x) for x in self.languages]})")
-        token = TASK_TO_GUIDING_TOKEN[task]
-        try:
-            decoder_route = self.routing_table.decoder_route_id(token, tgt_lang)
-        except KeyError as e:
-            raise HubError(e.args[0]) from None
-        prefix = [self.tgt_dict.index(guiding_token(token)), self.tgt_dict.index(lang_tag(tgt_lang))]
-        return {"task": task, "lang": tgt_lang, "decoder_route": decoder_route, "prefix": prefix}
+        return resolve_route(self.task, task, tgt_lang, self.default_lang, self.default_tgt_lang)
 
     def _prepare(self, x, index: int, sample_rate: Optional[int], bandwidth: Optional[str]) -> _Prepared:
         path = None
@@ -336,8 +355,9 @@ class SMoEHubInterface(nn.Module):
         if not pieces:
             return {}
         generator, _ = self._generator(**gen)
-        # fairseq's data config warns on every dataset that 'transforms' is its old name for 'feature_transforms'
-        with _quiet("fairseq.data.audio.data_cfg"):
+        # fairseq logs, for every dataset, that 'transforms' is its old name for 'feature_transforms', its repr and
+        # the out-of-vocabulary rate of the (empty) targets: noise for every call
+        with _quiet("fairseq.data.audio.data_cfg", "fairseq.data.audio.speech_to_text_dataset"):
             dataset = self._dataset(pieces, prepared, route)
         for i, p in enumerate(pieces):
             if dataset.n_frames[i] == 0:
@@ -361,14 +381,16 @@ class SMoEHubInterface(nn.Module):
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
-    log = logging.getLogger(logger_name)
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _quiet(*logger_names: str):
+    logs = [logging.getLogger(name) for name in logger_names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,10 @@
 # README command 1: set up everything, build the offline corpus, train and compare the paper's four systems.
 #   bash run_demo.sh [quick|full]
 # quick (default): 2 CPU cores, about 30 minutes after setup. full: a GPU (see README for run times).
+# Steps 3 and 4 are the offline recipe, recipes/offline/run.sh (stage 1; stages 2-5: train, average the last 5
+# checkpoints of each system, decode every test set with the average, score table).
 # Writes exp/demo_<mode>/results.{md,json,png}. Rerunning skips every finished stage (setup, corpus, each
-# system's training and each decoding); an interrupted stage resumes.
+# system's training, each average and each decoding); an interrupted stage resumes.
 set -euo pipefail
 mode="${1:-quick}"
 case "$mode" in quick|full) ;; *) echo "usage: bash run_demo.sh [quick|full]" >&2; exit 2;; esac
@@ -22,13 +24,11 @@ step "2/4 Python environment (scripts/setup.sh)"
 bash scripts/setup.sh
 t1=$(stamp)
 step "3/4 offline corpus -> $data"
-OMP_NUM_THREADS=1 bash recipes/offline/prep.sh --out-dir "$data" --mode "$mode"
+OMP_NUM_THREADS=1 bash recipes/offline/run.sh --mode "$mode" --data "$data" --exp "$out" --stage 1 --stop-stage 1
 t2=$(stamp)
-step "4/4 train Base, DecFFNx2, DecS-MoE, EncDecS-MoE and decode every test set -> $out"
-cpu_flag=""
-[ "$mode" = quick ] || .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-  || { echo "[demo] full mode wants a GPU; none found, training on the CPU (slow)"; cpu_flag="--cpu"; }
-.venv/bin/python -m fairseq_smoe.study.compare --data "$data" --out "$out" --preset "$mode" $cpu_flag
+step "4/4 train Base, DecFFNx2, DecS-MoE, EncDecS-MoE, average the last 5 checkpoints of each and decode every test set -> $out"
+# full mode without a GPU: the recipe says so and trains on the CPU (slow)
+bash recipes/offline/run.sh --mode "$mode" --data "$data" --exp "$out" --stage 2
 t3=$(stamp)
 step "done: setup $((t1 - t0)) s, corpus $((t2 - t1)) s, train + decode $((t3 - t2)) s (this run; finished stages were skipped)"
 step "results: $out/results.md, $out/results.json, $out/results.png"

@@ -1,12 +1,18 @@
 """Train the paper's four systems on one data dir, decode every test set, and tabulate WER/BLEU.
 
     python -m fairseq_smoe.study.compare --data data/offline_quick --out exp/demo_quick --preset quick
+    python -m fairseq_smoe.study.compare ... --steps train          # one stage of recipes/<corpus>/run.sh
+    python -m fairseq_smoe.study.compare --tables-from exp/demo_quick/results.json --out DIR   # tables again
 
 Systems (same data, same updates, same seed): Base (hard sharing), DecFFNx2, DecS-MoE, EncDecS-MoE. Each is
-trained with ``fairseq-train`` and every ``test_<name>_<asr|st>_<nb|wb>.tsv`` is decoded with ``fairseq-generate``
-in subprocesses, exactly as a user would. Reruns resume: a finished training or decoding is skipped, an interrupted
-training continues from checkpoint_last.pt. Writes ``results.json``, ``results.md`` and ``results.png`` into
-``--out``. Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted)
+trained with ``fairseq-train`` and every test manifest (the offline corpus' ``test_<name>_<asr|st>_<nb|wb>.tsv``,
+a public-corpus recipe's ``<split>_<asr|st>_<lang>_<nb|wb>.tsv``) is decoded with ``fairseq-generate`` in
+subprocesses, exactly as a user would. ``--average-last K`` keeps the last K checkpoints and decodes their average
+(:mod:`fairseq_smoe.cli.average_checkpoints`), as fairseq's S2T recipes do. ``--steps`` runs a part of the pipeline
+(train, average, decode, table): the recipes' numbered stages call it one step at a time. Reruns resume: a finished
+training, average or decoding is skipped, an interrupted training continues from checkpoint_last.pt. Writes
+``results.json``, ``results.md`` and ``results.png`` into ``--out``; ``--tables-from`` rebuilds the last two from a
+``results.json`` alone (the same code writes them in both cases). Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted)
 and the best *constant* hypothesis' score (:mod:`constant_baseline`: what a model that ignores the audio can reach
 with the text prior alone); a model listens only where it beats both.
 """
@@ -24,13 +30,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
+
+from ..cli.average_checkpoints import UPDATE_RE as UPDATE_CHECKPOINT_RE
+from ..routing import ASR_TASK, BANDWIDTHS, ST_TASK, is_asr_task
 
 PLUGIN = Path(__file__).resolve().parents[1]  # the fairseq_smoe package: --user-dir
 REPO = PLUGIN.parent
 SYSTEMS = [("Base", "s2t_smoe_base"), ("DecFFNx2", "s2t_dec_ffnx2"), ("DecS-MoE", "s2t_dec_smoe"),
            ("EncDecS-MoE", "s2t_encdec_smoe")]
-TEST_RE = re.compile(r"^test(?:_(.*))?_(asr|st)_(nb|wb)$")
+STEPS = ("train", "average", "decode", "table")
+_TASKS = f"{ASR_TASK}|{ST_TASK}"
+_BWS = "|".join(BANDWIDTHS)
+# test manifests: the offline corpus' test_<name>_<task>_<bw> and the public-corpus recipes' <split>_<task>_<lang>_<bw>
+TEST_RE = re.compile(rf"^test(?:_(.*))?_({_TASKS})_({_BWS})$")
+RECIPE_TEST_RE = re.compile(rf"^(.+?)_({_TASKS})_([^_]+)_({_BWS})$")
 logger = logging.getLogger("compare")
 
 # Settings per machine. quick: 2 CPU cores; two systems train at once, one thread each (an _xs model runs about
@@ -196,22 +210,38 @@ def criterion_flags(ctc_weight: float) -> list:
     return ["--criterion", "label_smoothed_cross_entropy"]
 
 
-def train_cmd(args, arch: str, save_dir: Path) -> list:
-    # validate (greedy decoding of dev) only every --validate-every updates and at the end: an untrained model
-    # decodes to the length limit, so validating every epoch would cost more than training in the quick preset
+def checkpoint_flags(args) -> list:
+    """When and which checkpoints fairseq-train writes and keeps.
+
+    Validation (greedy decoding of dev) runs only every ``--validate-every`` updates and at the end: an untrained
+    model decodes to the length limit, so validating every epoch would cost more than training in the quick preset.
+    Without averaging, a checkpoint is saved at each validation and one is kept. With ``--average-last K`` one is
+    saved every ``--save-every`` updates and the last K are kept; where validation runs only at the end, saving (and
+    the validation fairseq runs at every mid-epoch save) starts only K-1 intervals before the end
+    (``--validate-after-updates``), so the K checkpoints cost K dev decodings of a trained model and no more."""
     every = args.validate_every or args.max_update
+    if not args.average_last:
+        return ["--validate-interval-updates", str(every), "--save-interval-updates", str(every),
+                "--keep-interval-updates", "1"]
+    flags = ["--validate-interval-updates", str(every), "--save-interval-updates", str(args.save_every),
+             "--keep-interval-updates", str(args.average_last)]
+    if not args.validate_every:
+        flags += ["--validate-after-updates", str(max(0, args.max_update - (args.average_last - 1) * args.save_every))]
+    return flags
+
+
+def train_cmd(args, arch: str, save_dir: Path) -> list:
     cmd = [
         bin_path("fairseq-train"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--arch", arch + args.size,
-        "--train-subset", "train", "--valid-subset", "dev",
+        "--train-subset", args.train_subset, "--valid-subset", args.valid_subset,
         *criterion_flags(args.ctc_weight), "--label-smoothing", "0.1",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "10.0",
         "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--seed", "1",
         "--save-dir", str(save_dir), "--num-workers", str(args.num_workers),
-        "--validate-interval", "1000000", "--save-interval", "1000000",
-        "--validate-interval-updates", str(every), "--save-interval-updates", str(every),
-        "--keep-interval-updates", "1", "--no-epoch-checkpoints", "--best-checkpoint-metric", "wer",
+        "--validate-interval", "1000000", "--save-interval", "1000000", *checkpoint_flags(args),
+        "--no-epoch-checkpoints", "--best-checkpoint-metric", "wer",
         "--log-format", "simple", "--log-interval", "25", *PRECISION_FLAGS[args.precision], *args.train_extra,
     ]
     if args.cpu:
@@ -235,6 +265,8 @@ def train(args, arch: str, save_dir: Path, progress: Optional[Progress] = None) 
         if progress:
             progress.update(arch, {"status": "measured", "seconds": info["train_seconds"]})
         return info
+    if "train" not in args.steps:
+        raise SystemExit(f"{save_dir}: not trained yet (no DONE file): run the train step first (--steps train)")
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     last, first = {}, {}
@@ -273,12 +305,14 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
     out_dir.mkdir(parents=True, exist_ok=True)
     if result_file.exists():
         result = json.loads(result_file.read_text())
-        if task == "asr" and "cer" not in result:  # decoded before CER was reported: score the saved log
+        if is_asr_task(task) and "cer" not in result:  # decoded before CER was reported: score the saved log
             result["cer"] = log_cer((out_dir / f"{stem}.log").read_text())
             write_atomic(result_file, json.dumps(result))
         return result
+    if "decode" not in args.steps:
+        raise SystemExit(f"{result_file}: not decoded yet: run the decode step first (--steps decode)")
     scoring = ["--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"] \
-        if task == "asr" else ["--scoring", "sacrebleu"]
+        if is_asr_task(task) else ["--scoring", "sacrebleu"]
     cmd = [
         bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
         "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
@@ -291,7 +325,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
         cmd.append("--cpu")
     start = time.time()
     log = run_logged(cmd, out_dir / f"{stem}.log", args.threads)
-    if task == "asr":
+    if is_asr_task(task):
         m = re.search(r"WER: ([\d.]+)", log)
         result = {"metric": "WER", "score": float(m.group(1))}
     else:
@@ -301,7 +335,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
     hyps = re.findall(r"^D-\d+\t[^\t]*\t(.*)$", log, re.M)
     result.update(n=len(refs), decode_seconds=round(time.time() - start, 1),
                   empty_hypotheses=sum(not h.strip() for h in hyps))
-    if task == "asr":
+    if is_asr_task(task):
         # an empty hypothesis deletes every reference word: 100 % WER whatever the reference
         result["empty_hyp_wer"] = 100.0 if any(r.split() for r in refs) else float("nan")
         result["cer"] = log_cer(log)
@@ -324,6 +358,8 @@ def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
     result_file = out_dir / f"{subset}.ctc.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    if "decode" not in args.steps:
+        raise SystemExit(f"{result_file}: not decoded yet: run the decode step first (--steps decode)")
     cmd = [sys.executable, "-m", "fairseq_smoe.study.ctc_greedy", "--path", str(ckpt),
            "--data", str(args.data), "--subset", subset, "--out", str(out_dir / f"{subset}.ctc.tsv")]
     if args.cpu:
@@ -344,14 +380,27 @@ def parameter_counts(arch: str, data: Path) -> dict:
     return {"total_M": round(d["total"] / 1e6, 2), "active_M": round(max(d["active"].values()) / 1e6, 2)}
 
 
+def parse_test(subset: str) -> Optional[Tuple[str, str, str]]:
+    """(name, task, bandwidth) of a test manifest's name, None if it is not one: ``test_real_es_st_nb`` (the offline
+    corpus) gives ``("real_es", "st", "nb")``, ``tst-COMMON_st_de_wb`` (a public-corpus recipe's slice) gives
+    ``("tst-COMMON_de", "st", "wb")``."""
+    m = TEST_RE.match(subset)
+    if m:
+        return m.group(1) or "", m.group(2), m.group(3)
+    m = RECIPE_TEST_RE.match(subset)
+    if m:
+        return f"{m.group(1)}_{m.group(3)}", m.group(2), m.group(4)
+    return None
+
+
 def column_label(subset: str) -> str:
-    name, _, bw = TEST_RE.match(subset).groups()
-    return f"{(name or '').replace('_', ' ')} {bw.upper()}".strip()
+    name, _, bw = parse_test(subset)
+    return f"{name.replace('_', ' ')} {bw.upper()}".strip()
 
 
 def column_order(subsets: list, task: str) -> list:
-    cols = [s for s in subsets if TEST_RE.match(s).group(2) == task]
-    return sorted(cols, key=lambda s: (TEST_RE.match(s).group(1) or "", TEST_RE.match(s).group(3)))
+    cols = [s for s in subsets if parse_test(s)[1] == task]
+    return sorted(cols, key=lambda s: (parse_test(s)[0], parse_test(s)[2]))
 
 
 def plain_score(test: dict) -> float:
@@ -368,7 +417,7 @@ def has_joint(results: dict, cols: list) -> bool:
 
 
 def tables(results: dict, subsets: list) -> str:
-    asr, st = column_order(subsets, "asr"), column_order(subsets, "st")
+    asr, st = column_order(subsets, ASR_TASK), column_order(subsets, ST_TASK)
     lines = score_table(results, asr, "ASR: WER % (lower is better)", "100.0", plain_score)
     w = results.get("ctc_decode_weight")
     if has_joint(results, asr):
@@ -430,11 +479,12 @@ def cer_table(results: dict, cols: list) -> list:
     return lines
 
 
-def constant_hypotheses(data: Path, subsets: list) -> dict:
-    """Per test set, the best constant hypothesis drawn from the training targets (:mod:`constant_baseline`)."""
+def constant_hypotheses(data: Path, subsets: list, train_subset: str = "train") -> dict:
+    """Per test set, the best constant hypothesis drawn from the training targets (:mod:`constant_baseline`) of the
+    ``train_subset`` manifests (comma-separated, as fairseq-train's ``--train-subset``)."""
     from . import constant_baseline
 
-    train = constant_baseline.read_manifest(str(data / "train.tsv"))
+    train = [r for name in train_subset.split(",") for r in constant_baseline.read_manifest(str(data / f"{name}.tsv"))]
     return {s: constant_baseline.for_test_set(data, s, train) for s in subsets}
 
 
@@ -444,11 +494,13 @@ def chart(results: dict, subsets: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("asr", plain_score, "ASR: WER % (lower is better)")]
-    if has_joint(results, column_order(subsets, "asr")):
-        panels.append(("asr", joint_score, "ASR: WER %, joint CTC/attention decoding"))
-    panels.append(("st", plain_score, "ST: BLEU (higher is better)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8))
+    panels = [(ASR_TASK, plain_score, "ASR: WER % (lower is better)")]
+    if has_joint(results, column_order(subsets, ASR_TASK)):
+        panels.append((ASR_TASK, joint_score, "ASR: WER %, joint CTC/attention decoding"))
+    panels.append((ST_TASK, plain_score, "ST: BLEU (higher is better)"))
+    panels = [p for p in panels if column_order(subsets, p[0])]  # an ASR-only corpus (LibriSpeech) has no ST panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
+    axes = axes[0]
     for ax, (task, pick, metric) in zip(axes, panels):
         cols = column_order(subsets, task)
         names = [n for n, _ in SYSTEMS if n in results["systems"]]
@@ -460,7 +512,7 @@ def chart(results: dict, subsets: list, path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
         ax.set_xticklabels([column_label(c) for c in cols], rotation=20, fontsize=8)
         ax.set_title(metric)
-        if task == "asr":
+        if is_asr_task(task):
             ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="empty hypothesis")
         constant = results.get("constant_hypothesis", {})
         if any(c in constant for c in cols):
@@ -483,23 +535,93 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_system(args, name: str, arch: str, subsets: list, progress: Optional[Progress] = None) -> dict:
-    """Train one system and decode every test set with it."""
-    save_dir = args.out / arch
-    info = train(args, arch, save_dir, progress)
+def average_path(args, save_dir: Path) -> Path:
+    return save_dir / f"checkpoint_avg{args.average_last}.pt"
+
+
+def average_inputs(args, save_dir: Path, final_update: Optional[int]) -> list:
+    """The newest ``--average-last`` checkpoints of a system, by update number, newest first.
+
+    fairseq-train writes ``checkpoint_<epoch>_<update>.pt`` at a save interval inside an epoch only: where a save
+    interval ends an epoch (always, when an epoch is one batch) it writes just ``checkpoint_last.pt``, so the final
+    update's checkpoint may be ``checkpoint_last.pt``; it counts as the update training ended at."""
+    files = {}
+    for f in os.listdir(save_dir):
+        m = UPDATE_CHECKPOINT_RE.fullmatch(f)
+        if m:
+            files[int(m.group(1))] = save_dir / f
+    if final_update and final_update not in files and (save_dir / "checkpoint_last.pt").exists():
+        files[final_update] = save_dir / "checkpoint_last.pt"
+    return [files[u] for u in sorted(files, reverse=True)[:args.average_last]]
+
+
+def average(args, save_dir: Path, final_update: Optional[int] = None) -> Path:
+    """The average of the system's last ``--average-last`` checkpoints (:func:`average_inputs`;
+    :mod:`fairseq_smoe.cli.average_checkpoints`), written once: skipped when it exists. Which checkpoints went in
+    is kept next to it (``checkpoint_avg<K>.json``)."""
+    out = average_path(args, save_dir)
+    if out.exists():
+        return out
+    if "average" not in args.steps:
+        raise SystemExit(f"{out}: not averaged yet: run the average step first (--steps average)")
+    inputs = average_inputs(args, save_dir, final_update)
+    if not inputs:
+        raise SystemExit(f"{save_dir}: no checkpoints to average (train with --average-last {args.average_last})")
+    if len(inputs) < args.average_last:
+        logger.warning(f"{save_dir}: only {len(inputs)} of the last {args.average_last} checkpoints exist (fairseq "
+                       f"writes none where a save interval ends an epoch); averaging those")
+    cmd = [sys.executable, "-m", "fairseq_smoe.cli.average_checkpoints", "--inputs", *map(str, inputs),
+           "--output", str(out)]
+    run_logged(cmd, save_dir / f"checkpoint_avg{args.average_last}.log")
+    write_atomic(out.with_suffix(".json"), json.dumps({"inputs": [p.name for p in inputs]}) + "\n")
+    return out
+
+
+def averaged_inputs(args, save_dir: Path) -> Optional[list]:
+    """The checkpoint names the average was made of (None without averaging)."""
+    if not args.average_last:
+        return None
+    record = average_path(args, save_dir).with_suffix(".json")
+    return json.loads(record.read_text())["inputs"] if record.exists() else None
+
+
+def decode_checkpoint(args, save_dir: Path) -> Tuple[Path, Path]:
+    """The checkpoint every test set is decoded with and the folder its results go to: the average of the last K
+    checkpoints (``decode_avg<K>/``) with ``--average-last K``, else the best (``decode/``; the last where training
+    never validated)."""
+    if args.average_last:
+        return average(args, save_dir), save_dir / f"decode_avg{args.average_last}"
     ckpt = save_dir / "checkpoint_best.pt"
     if not ckpt.exists():
         ckpt = save_dir / "checkpoint_last.pt"
+    return ckpt, save_dir / "decode"
+
+
+def run_system(args, name: str, arch: str, subsets: list, progress: Optional[Progress] = None) -> Optional[dict]:
+    """The steps of one system: train it, average its last checkpoints, decode every test set with the result.
+
+    Each step is skipped where its output exists (a training's DONE file, the averaged checkpoint, a test set's
+    result file); a step not in ``--steps`` whose output is missing stops with a message naming the step to run.
+    Returns the system's entry of results.json (None when no later step needs it)."""
+    save_dir = args.out / arch
+    info = train(args, arch, save_dir, progress)
+    if not {"average", "decode", "table"} & args.steps:
+        return None
+    if args.average_last and "average" in args.steps:
+        average(args, save_dir, info.get("updates"))
+    if not {"decode", "table"} & args.steps:
+        return None
+    ckpt, out_dir = decode_checkpoint(args, save_dir)
     tests = {}
     for subset in subsets:
-        task = TEST_RE.match(subset).group(2)
-        tests[subset] = decode(args, ckpt, subset, task, save_dir / "decode")
+        task = parse_test(subset)[1]
+        tests[subset] = decode(args, ckpt, subset, task, out_dir)
         logger.info(f"{name} {subset}: {tests[subset]['metric']} {tests[subset]['score']}")
-        if task == "asr" and args.ctc_weight:
-            tests[subset]["ctc"] = ctc_decode(args, ckpt, subset, save_dir / "decode")
+        if is_asr_task(task) and args.ctc_weight:
+            tests[subset]["ctc"] = ctc_decode(args, ckpt, subset, out_dir)
             logger.info(f"{name} {subset}: CTC greedy WER {tests[subset]['ctc']['wer']} CER {tests[subset]['ctc']['cer']}")
             if args.ctc_decode_weight:
-                joint = decode(args, ckpt, subset, task, save_dir / "decode", args.ctc_decode_weight)
+                joint = decode(args, ckpt, subset, task, out_dir, args.ctc_decode_weight)
                 tests[subset]["joint"] = dict(joint, ctc_decode_weight=args.ctc_decode_weight)
                 logger.info(f"{name} {subset}: joint CTC/attention WER {joint['score']} CER {joint['cer']}")
     return {
@@ -507,14 +629,46 @@ def run_system(args, name: str, arch: str, subsets: list, progress: Optional[Pro
         "train_seconds": info["train_seconds"], "updates": info.get("updates"),
         **({"train_time_projection": info["time_projection"]} if "time_projection" in info else {}),
         "first_loss": info.get("first_loss"), "last_loss": info.get("last_loss"),
-        "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1), "tests": tests,
+        "decode_seconds": round(sum(t.get("decode_seconds", 0) for t in tests.values()), 1),
+        **({"averaged": averaged_inputs(args, save_dir)} if args.average_last else {}), "tests": tests,
     }
+
+
+def subsets_of(results: dict) -> list:
+    """The test sets of a results.json: every set some system was decoded on."""
+    return sorted({s for r in results["systems"].values() for s in r["tests"]})
+
+
+def markdown(results: dict) -> str:
+    """results.md, from results.json alone (what the run writes and what ``--tables-from`` rebuilds)."""
+    # results.json written before it recorded the beam: its preset's (no preset set another one then)
+    beam = results.get("beam", PRESETS.get(results.get("preset"), {}).get("beam"))
+    ctc, k = results["ctc_weight"], results.get("average_last", 0)
+    avg = f", the average of the last {k} checkpoints ({results['save_every']} updates apart)" if k else ""
+    return (f"# S-MoE comparison on {Path(results['data']).name}\n\n{results['size']} models, "
+            f"{results['max_update']} updates each (max {results['max_tokens']} frames per batch, lr {results['lr']}"
+            f"{f', auxiliary CTC weight {ctc} on ASR rows' if ctc else ''}), same data and seed; "
+            f"decoded with fairseq-generate, beam {beam}{avg}.\n" + tables(results, subsets_of(results)))
+
+
+def write_tables(results: dict, out: Path) -> str:
+    """results.md and results.png into ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(results)
+    write_atomic(out / "results.md", md)
+    chart(results, subsets_of(results), out / "results.png")
+    return md
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the data directory (required except with --tables-from)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tables-from", type=Path, metavar="RESULTS_JSON",
+                   help="only write results.md and results.png into --out from this results.json (nothing is run)")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"comma-separated steps to run, of {','.join(STEPS)} (default: all); a later step reads what "
+                        f"an earlier one left in --out")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="defaults for the flags below")
     p.add_argument("--size", choices=["_xs", "_s", ""], help="architecture size suffix ('' = paper size)")
     p.add_argument("--max-update", type=int)
@@ -522,6 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--validate-every", type=int, help="updates between dev decodings (0: only at the end)")
+    p.add_argument("--average-last", type=int, default=0, metavar="K",
+                   help="keep the last K checkpoints (one every --save-every updates) and decode their average "
+                        "(0: decode checkpoint_best.pt)")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="with --average-last: updates between saved checkpoints (default: --validate-every, or "
+                        "max_update / 40 where validation runs only at the end)")
+    p.add_argument("--train-subset", default="train", help="training manifests, comma-separated (fairseq's)")
+    p.add_argument("--valid-subset", default="dev", help="validation manifest (fairseq's)")
     p.add_argument("--ctc-weight", type=float, help="weight of the auxiliary CTC loss on ASR rows (0: none)")
     p.add_argument("--ctc-decode-weight", type=float,
                    help="also decode ASR sets with joint CTC/attention beam search, this CTC weight (0: do not; "
@@ -542,11 +704,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    if args.tables_from is not None:
+        return args
+    if args.data is None:
+        raise SystemExit("--data is required (except with --tables-from)")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        raise SystemExit(f"--steps {args.steps}: choose from {','.join(STEPS)}")
+    args.steps = set(steps)
+    if args.average_last < 0:
+        raise SystemExit(f"--average-last {args.average_last}: must be 0 (no averaging) or more")
+    if args.save_every is None:
+        args.save_every = args.validate_every or max(1, args.max_update // 40)
+    if args.average_last and args.save_every < 1:
+        raise SystemExit(f"--save-every {args.save_every}: must be at least 1")
+    if args.average_last and args.average_last * args.save_every > args.max_update:
+        raise SystemExit(f"--average-last {args.average_last} --save-every {args.save_every}: training saves only "
+                         f"{args.max_update // args.save_every} checkpoints in {args.max_update} updates")
     args.num_workers = resolve_num_workers(args.num_workers)
     args.precision = resolve_precision(args.precision, args.cpu)
     if args.cpu and args.precision == "fp16":
@@ -561,21 +741,35 @@ def parse_args(argv=None):
     return args
 
 
+def test_subsets(args) -> list:
+    """The test manifests of ``--data`` that match ``--test-sets``."""
+    subsets = sorted(f.stem for f in args.data.glob("*.tsv") if parse_test(f.stem)
+                     and any(fnmatch.fnmatch(f.stem, pat) for pat in args.test_sets.split(",")))
+    if not subsets:
+        raise SystemExit(f"{args.data}: no test_<name>_<asr|st>_<nb|wb>.tsv or <split>_<asr|st>_<lang>_<nb|wb>.tsv "
+                         f"manifests match {args.test_sets!r}")
+    return subsets
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
+    if args.tables_from is not None:
+        if not args.tables_from.is_file():
+            raise SystemExit(f"--tables-from {args.tables_from}: no such file")
+        print(write_tables(json.loads(args.tables_from.read_text(encoding="utf-8")), args.out))
+        return
     if not (args.data / "config.yaml").is_file():
         raise SystemExit(f"{args.data}: no config.yaml (prepare the data first, e.g. recipes/offline/prep.sh)")
-    subsets = sorted(f.stem for f in args.data.glob("test_*.tsv") if TEST_RE.match(f.stem)
-                     and any(fnmatch.fnmatch(f.stem, pat) for pat in args.test_sets.split(",")))
-    if not subsets:
-        raise SystemExit(f"{args.data}: no test_<name>_<asr|st>_<nb|wb>.tsv manifests match {args.test_sets!r}")
+    subsets = test_subsets(args)
     wanted = set(args.systems.split(","))
     results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
                "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr,
                "ctc_weight": args.ctc_weight, "ctc_decode_weight": args.ctc_decode_weight, "device":
                "cpu" if args.cpu else "gpu", "precision": args.precision, "num_workers": args.num_workers,
-               "jobs": args.jobs, "systems": {}}
+               "jobs": args.jobs, "beam": args.beam,
+               **({"average_last": args.average_last, "save_every": args.save_every} if args.average_last else {}),
+               "systems": {}}
     start = time.time()
     chosen = [(name, arch) for name, arch in SYSTEMS if arch in wanted]
     progress = Progress(args.out, [arch for _, arch in chosen], args.max_update, args.jobs)
@@ -588,6 +782,9 @@ def main(argv=None):
             for future in futures:  # a failed system stops the ones not started yet
                 future.cancel()
             raise
+    if "table" not in args.steps:
+        logger.info(f"steps {','.join(s for s in STEPS if s in args.steps)} done ({args.out})")
+        return
     results["seconds_this_run"] = round(time.time() - start, 1)
     # measured whole now: every system's training time, next to what was projected while it ran
     results["train_time"] = {"status": "measured", "train_seconds_all_systems": round(
@@ -598,16 +795,10 @@ def main(argv=None):
     logger.info(f"training time of the {len(results['systems'])} systems, measured: "
                 f"{hours(t['train_seconds_all_systems'])}" + (f" (projected while they trained: "
                 f"{hours(t['projected_seconds_all_systems'])})" if t["projected_seconds_all_systems"] else ""))
-    results["constant_hypothesis"] = constant_hypotheses(args.data, subsets)
+    results["constant_hypothesis"] = constant_hypotheses(args.data, subsets, args.train_subset)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
-    md = (f"# S-MoE comparison on {args.data.name}\n\n{results['size']} models, {args.max_update} updates each "
-          f"(max {args.max_tokens} frames per batch, lr {args.lr}"
-          f"{f', auxiliary CTC weight {args.ctc_weight} on ASR rows' if args.ctc_weight else ''}), same data and seed; "
-          f"decoded with fairseq-generate, beam {args.beam}.\n" + tables(results, subsets))
-    write_atomic(args.out / "results.md", md)
-    chart(results, subsets, args.out / "results.png")
-    print(md)
+    print(write_tables(results, args.out))
 
 
 if __name__ == "__main__":

@@ -62,10 +62,15 @@ from omegaconf import OmegaConf
 
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary
+from fairseq.data.audio.data_cfg import S2TDataConfig
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
 
 from ..checkpoint import signature as model_signature
 from ..data.config import ConfigError, SMoEDataConfig
 from ..data.vocab import guiding_tokens
+from ..models import s2t_lmoe, s2t_smoe
+from ..modules.switch_layer import SwitchLinear
 from ..prep.common import atomic_path
 from ..routing import RoutingTable, is_lang_tag
 from ..tasks.dictionary_only import DictionaryOnlyTask
@@ -97,8 +102,6 @@ class UpcycleError(ValueError):
 # ------------------------------------------------------------------------------------------------ registries
 def target_architectures() -> Dict[str, type]:
     """Every named S-MoE and learned-gate architecture -> its model class."""
-    from ..models import s2t_lmoe, s2t_smoe
-
     out = {name: s2t_smoe.S2TSMoEModel for name in s2t_smoe.ARCHITECTURES}
     out.update({name: s2t_lmoe.S2TLMoEModel for name in s2t_lmoe.ARCHITECTURES})
     return out
@@ -106,8 +109,6 @@ def target_architectures() -> Dict[str, type]:
 
 def arch_defaults(arch: str) -> Namespace:
     """What ``--arch`` alone sets (fairseq's architecture function on an empty namespace)."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
     args = Namespace()
     ARCH_CONFIG_REGISTRY[arch](args)
     return args
@@ -120,11 +121,6 @@ def load_dense(path: str) -> Tuple[dict, Namespace, str]:
     Refuses what is not a dense Base: a model with experts (S-MoE or learned gate), DecFFNx2 (a wider decoder FFN
     than the Base the systems are sized against), any other model.
     """
-    from fairseq.models import ARCH_MODEL_REGISTRY
-    from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
-
-    from ..models.s2t_lmoe import S2TLMoEModel
-    from ..models.s2t_smoe import S2TSMoEModel
 
     if not Path(path).is_file():
         raise UpcycleError(f"--dense {path}: no such file")
@@ -135,10 +131,10 @@ def load_dense(path: str) -> Tuple[dict, Namespace, str]:
         raise UpcycleError(f"--dense {path}: {e}") from None
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)
     cls = ARCH_MODEL_REGISTRY.get(arch)
-    if cls is S2TLMoEModel:
+    if cls is s2t_lmoe.S2TLMoEModel:
         raise UpcycleError(f"--dense {path} is not dense: architecture {arch} is a learned-gate MoE; upcycle from "
                            f"the dense Base (s2t_smoe_base*) or a stock s2t_transformer checkpoint")
-    if cls is S2TSMoEModel:
+    if cls is s2t_smoe.S2TSMoEModel:
         kind = "plugin"
         if getattr(args, "encoder_smoe", False) or getattr(args, "decoder_smoe", False):
             raise UpcycleError(f"--dense {path} is not dense: architecture {arch} has S-MoE experts; upcycle from "
@@ -148,7 +144,7 @@ def load_dense(path: str) -> Tuple[dict, Namespace, str]:
                 f"--dense {path} ({arch}) has a decoder FFN {args.decoder_ffn_embed_dim} wide and an encoder FFN "
                 f"{args.encoder_ffn_embed_dim} wide: it is not the dense Base the systems are sized against "
                 f"(DecFFNx2 is a target); upcycle from the Base (s2t_smoe_base*)")
-    elif cls is not None and issubclass(cls, S2TTransformerModel) and cls.__module__.startswith("fairseq."):
+    elif cls is S2TTransformerModel:
         kind = "stock"
     else:
         raise UpcycleError(f"--dense {path}: architecture {arch!r} is neither this plugin's dense Base "
@@ -179,9 +175,6 @@ def check_size(src_args: Namespace, src_arch: str, arch: str, dense: str, keep_s
 def target_args(src_args: Namespace, arch: str, table: RoutingTable, data: Optional[str],
                 config_yaml: str) -> Namespace:
     """The dense model's arguments (dimensions, activation, norms, dropout...) with ``arch``'s variant."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
-    from ..models import s2t_lmoe
 
     args = copy.deepcopy(src_args)
     defaults = arch_defaults(arch)
@@ -193,6 +186,8 @@ def target_args(src_args: Namespace, arch: str, table: RoutingTable, data: Optio
     args.arch = args._name = arch
     args.decoder_ffn_embed_dim = decoder_ffn
     args.task = "speech_to_text_smoe"
+    # the weights come from the dense checkpoint: building the target must not load an encoder from elsewhere
+    args.load_pretrained_encoder_from = None
     for key, value in table.to_args().items():
         setattr(args, key, value)
     if data is not None:
@@ -205,8 +200,6 @@ def target_args(src_args: Namespace, arch: str, table: RoutingTable, data: Optio
 
 # --------------------------------------------------------------------------------------------- dictionaries
 def _data_config(data: str, config_yaml: str):
-    from fairseq.data.audio.data_cfg import S2TDataConfig
-
     path = Path(data) / config_yaml
     if not path.is_file():
         raise UpcycleError(f"--data {data}: no {config_yaml} there (--config-yaml)")
@@ -223,8 +216,6 @@ def _dictionary_of_data(data: str, config_yaml: str) -> Path:
 
 def routing_table(src_args: Namespace, kind: str, data: Optional[str], config_yaml: str) -> Tuple[RoutingTable, str]:
     """The target's routes and where they came from: ``--data``'s config.yaml, the dense Base's, or the defaults."""
-    from ..models.s2t_smoe import routing_table_from_args
-
     if data is not None:
         cfg, path = _data_config(data, config_yaml)
         try:
@@ -232,8 +223,15 @@ def routing_table(src_args: Namespace, kind: str, data: Optional[str], config_ya
         except ConfigError as e:
             raise UpcycleError(str(e)) from None
     if kind == "plugin":
-        return routing_table_from_args(src_args), "the dense checkpoint's model arguments"
+        return s2t_smoe.routing_table_from_args(src_args), "the dense checkpoint's model arguments"
     return RoutingTable(), "the defaults (no --data)"
+
+
+def _field(group, name: str):
+    """``name`` of a cfg group: a DictConfig/dict (dataclass tasks) or a Namespace (legacy ones, e.g. S2T)."""
+    if group is None:
+        return None
+    return group.get(name) if hasattr(group, "get") else getattr(group, name, None)
 
 
 def dense_dictionary_path(state: dict, kind: str, dense: str, dense_dict: Optional[str], data: Optional[str],
@@ -249,10 +247,8 @@ def dense_dictionary_path(state: dict, kind: str, dense: str, dense_dict: Option
         return Path(dense_dict)
     if kind == "plugin" and data is not None:
         return _dictionary_of_data(data, config_yaml)
-    task_cfg = (state.get("cfg") or {}).get("task") if state.get("cfg") is not None else None
-    train_data = getattr(task_cfg, "data", None) if not hasattr(task_cfg, "get") else task_cfg.get("data")
-    train_yaml = (getattr(task_cfg, "config_yaml", None) if not hasattr(task_cfg, "get")
-                  else task_cfg.get("config_yaml")) or "config.yaml"
+    task_cfg = state["cfg"].get("task") if state.get("cfg") is not None else None
+    train_data, train_yaml = _field(task_cfg, "data"), _field(task_cfg, "config_yaml") or "config.yaml"
     if train_data and (Path(train_data) / train_yaml).is_file():
         return _dictionary_of_data(train_data, train_yaml)
     raise UpcycleError(f"--dense {dense}: its training data directory ({train_data}) is not here; name the "
@@ -281,8 +277,6 @@ def extend_dictionary(d: Dictionary, table: RoutingTable, langs: Optional[List[s
 def upcycle_state_dict(src: Dict[str, torch.Tensor], model: torch.nn.Module, old_vocab: int,
                        gate_std: float = 0.0, seed: int = 1) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
     """The target ``model``'s weights from the dense state ``src``; returns them and counts per kind of copy."""
-    from ..modules.switch_layer import SwitchLinear
-
     generator = torch.Generator().manual_seed(seed)
     tied = bool(getattr(model.decoder, "share_input_output_embed", False))
     out, used = {}, {SIGNATURE_KEY}
@@ -299,8 +293,7 @@ def upcycle_state_dict(src: Dict[str, torch.Tensor], model: torch.nn.Module, old
             continue
         if key not in src:
             raise UpcycleError(f"the dense checkpoint has no {key}, which {type(model).__name__} needs")
-        have = src[key].float() if src[key].is_floating_point() else src[key]
-        have = have.to(want.dtype) if want.is_floating_point() else have
+        have = src[key].to(want.dtype) if src[key].is_floating_point() else src[key]
         used.add(key)
         ffn = FFN_KEY.match(key)
         if have.shape == want.shape:
@@ -353,8 +346,6 @@ def _widen(key: str, have: torch.Tensor, want: torch.Tensor, fc: str) -> torch.T
 # --------------------------------------------------------------------------------------------------- driver
 def _train_flags(args: Namespace, arch: str) -> List[str]:
     """Flags fairseq-train needs besides ``--arch`` to build this model (it builds from its command line)."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
     given, flags = Namespace(), []
     for field in SIZE_FIELDS + ("decoder_ffn_embed_dim", "moe_eval_capacity_factor"):
         derived = copy.deepcopy(given)
@@ -424,8 +415,6 @@ def upcycle(dense: str, arch: str, out: str, data: Optional[str] = None, config_
     task = DictionaryOnlyTask(len(tgt_dict))
     task.target_dictionary = task.tgt_dict = tgt_dict
     model = targets[arch].build_model(args, task)
-    from ..modules.switch_layer import SwitchLinear
-
     for module in model.modules():  # a tied learned gate puts every token into one expert: give it the room
         if isinstance(module, SwitchLinear) and module.state.eval_capacity_factor < module.state.num_experts:
             module.state.eval_capacity_factor = float(module.state.num_experts)
@@ -446,8 +435,6 @@ def upcycle(dense: str, arch: str, out: str, data: Optional[str] = None, config_
             setattr(task_cfg, k, v)
     else:
         cfg["task"] = dict(task_cfg or {}, **task_fields)
-    if isinstance(cfg.get("common"), dict):
-        cfg["common"]["user_dir"] = str(Path(__file__).resolve().parents[1])
     info = {"source": str(Path(dense).resolve()), "source_arch": src_arch, "source_kind": kind, "arch": arch,
             "encoder_routes": list(table.encoder_routes), "decoder_routes": list(table.decoder_routes),
             "appended_tokens": added, "dictionary": shown_dict, "gate_std": gate_std, **counts}
@@ -510,8 +497,9 @@ def main(argv=None) -> int:
     if info["new_dictionary"]:
         print(f"wrote {info['new_dictionary']}: the dense dictionary + {info['appended_tokens']}; make it the "
               f"vocab_filename of the data's config.yaml")
+    criterion = f" --criterion {s2t_lmoe.MOE_CRITERION}" if info["gates"] else ""
     print("continue training with: fairseq-train DATA --user-dir fairseq_smoe --task speech_to_text_smoe "
-          f"--config-yaml {a.config_yaml} --arch {info['arch']} " + " ".join(info["train_flags"])
+          f"--config-yaml {a.config_yaml} --arch {info['arch']} " + " ".join(info["train_flags"]) + criterion
           + f" --finetune-from-model {info['out']} ...")
     return 0
 

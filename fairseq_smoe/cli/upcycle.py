@@ -29,8 +29,8 @@ What the output holds (every target starts as the dense model's function, for ev
 
 Sources: a checkpoint of this plugin's dense Base (``s2t_smoe_base*``) or a stock fairseq ``s2t_transformer``
 checkpoint (the form of fairseq's published S2T models). A stock dictionary lacks the guiding tokens: the tool
-appends the missing ones (:func:`fairseq_smoe.data.vocab.guiding_tokens`: one per task of the decoder routes, one
-``<lang:xx>`` per ``--langs`` language or per language tag already in the data's or the dense dictionary) after
+appends the missing ones (:meth:`fairseq_smoe.routing.RoutingTable.guiding_symbols`: one per task and decoder
+route, then one ``<lang:xx>`` per ``--langs`` language or per language tag already in the data's or the dense dictionary) after
 the existing entries, so every old token keeps its id; their embedding rows start at the mean of the dense
 embedding rows, their output-projection (and CTC projection) rows at zeros. The new dictionary is written next
 to the output (``OUT`` with suffix ``.dict.txt``) and logged; the data directory's ``config.yaml`` must name it
@@ -68,11 +68,10 @@ from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
 
 from ..checkpoint import signature as model_signature
 from ..data.config import ConfigError, SMoEDataConfig
-from ..data.vocab import guiding_tokens
 from ..models import s2t_lmoe, s2t_smoe
 from ..modules.switch_layer import SwitchLinear
 from ..prep.common import atomic_path
-from ..routing import RoutingTable, is_lang_tag
+from ..routing import RoutingTable, is_lang_tag, lang_tag
 from ..tasks.dictionary_only import DictionaryOnlyTask
 from .export import ExportError, _model_args
 
@@ -259,14 +258,14 @@ def extend_dictionary(d: Dictionary, table: RoutingTable, langs: Optional[List[s
                       data_dict: Optional[Dictionary]) -> List[str]:
     """Append the guiding tokens ``d`` lacks (after its entries, so old ids stay); returns them, in order."""
     if langs:
-        wanted = guiding_tokens(langs, table.decoder_routes)
+        tags = [lang_tag(lang) for lang in sorted(set(langs))]
     else:
         tags = [s for s in (data_dict.symbols if data_dict is not None else []) if is_lang_tag(s)]
         tags = tags or [s for s in d.symbols if is_lang_tag(s)]
         if not tags:
             raise UpcycleError("the dense dictionary has no <lang:xx> tags and --data gives none: name the target "
                                "languages with --langs (e.g. --langs en,es)")
-        wanted = guiding_tokens([], table.decoder_routes) + tags
+    wanted = table.guiding_symbols() + tags
     added = [t for t in wanted if t not in d.indices]
     for t in added:
         d.add_symbol(t, n=1)
@@ -406,7 +405,7 @@ def upcycle(dense: str, arch: str, out: str, data: Optional[str] = None, config_
             new_dict_path = out_path.with_suffix(".dict.txt")
             if new_dict_path.exists():
                 raise UpcycleError(f"--out {out}: the dictionary to write next to it, {new_dict_path}, exists")
-    missing = [t for t in guiding_tokens([], table.decoder_routes) if t not in tgt_dict.indices]
+    missing = [t for t in table.guiding_symbols() if t not in tgt_dict.indices]
     if missing:
         raise UpcycleError(f"{dict_path} lacks the guiding token(s) {missing} of the decoder routes "
                            f"{list(table.decoder_routes)} ({routes_from})")

@@ -1,0 +1,123 @@
+"""fairseq-interactive with audio paths on stdin (fairseq's own S2T usage) decodes through the plugin's reader.
+
+Until the task class delegates to :mod:`fairseq_smoe.hub.interactive` (three method overrides in
+``tasks/speech_to_text_smoe.py``), the test runs fairseq's interactive main (``fairseq_cli.interactive.cli_main``) in
+a subprocess whose task class gets those overrides from :data:`PATCH`; once the task has them, the same test runs
+the real ``fairseq-interactive`` console script. Either way: NB and WB files in one input, ASR and ST
+(``--force-task``/``--force-tgt-lang``), small buffers (several datasets, several batches), each hypothesis equal to
+the hub's for that file with the same beam.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows, trained_model
+
+PATCH = """
+import sys
+import fairseq_smoe
+from fairseq_smoe.hub import interactive
+from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask as T
+_inference_step = T.inference_step
+def get_interactive_tokens_and_lengths(self, lines, encode_fn):
+    return interactive.get_interactive_tokens_and_lengths(self, lines, encode_fn)
+def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+    return interactive.build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs)
+def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+    return _inference_step(self, generator, models, interactive.restore_routes(self, sample), prefix_tokens,
+                           constraints)
+T.get_interactive_tokens_and_lengths = get_interactive_tokens_and_lengths
+T.build_dataset_for_inference = build_dataset_for_inference
+T.inference_step = inference_step
+from fairseq_cli.interactive import cli_main
+sys.argv = ["fairseq-interactive"] + sys.argv[1:]
+cli_main()
+"""
+
+
+def task_delegates() -> bool:
+    """Whether the task class itself already has the interactive overrides (then the real CLI is tested)."""
+    from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask as T
+
+    return all(name in vars(T) for name in ("build_dataset_for_inference", "get_interactive_tokens_and_lengths"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, flite_cache):
+    return trained_model(tmp_path_factory, flite_cache)
+
+
+@pytest.fixture(scope="module")
+def hub(trained):
+    from fairseq_smoe.hub import from_pretrained
+
+    return from_pretrained(trained["model"], lang="en", tgt_lang="es")
+
+
+def interactive(trained, stdin: str, tmp_path: Path, *extra):
+    if task_delegates():
+        cmd = [str(BIN / "fairseq-interactive")]
+    else:
+        script = tmp_path / "interactive_patched.py"
+        script.write_text(PATCH)
+        cmd = [sys.executable, str(script)]
+    cmd += [str(trained["corpus"]), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
+            "--path", str(trained["model"] / "checkpoint_best.pt"), "--config-yaml", "config.yaml",
+            "--beam", str(BEAM), "--max-len-b", str(MAX_LEN_B), "--cpu", *extra]
+    return subprocess.run(cmd, input=stdin, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+
+
+def hypotheses(stdout: str) -> dict:
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", stdout, re.M)}
+
+
+@pytest.mark.parametrize("task,lang", [("asr", "en"), ("st", "es")])
+def test_interactive_decodes_audio_paths_like_the_hub(trained, hub, tmp_path, task, lang):
+    data = trained["corpus"]
+    paths = [str(data / r["audio"]) for s in ("test_asr_wb", "test_asr_nb") for r in manifest_rows(data, s)]
+    # interleaved NB/WB, buffers of 3 lines: mixed buffers, several datasets and batches
+    paths = [p for pair in zip(paths[:4], paths[4:]) for p in pair]
+    proc = interactive(trained, "\n".join(paths) + "\n", tmp_path, "--buffer-size", "3", "--max-tokens", "20000",
+                       "--force-task", task, "--force-tgt-lang", lang)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = hypotheses(proc.stdout)
+    want = hub.generate(paths, task=task, tgt_lang=lang, beam=BEAM, max_len_b=MAX_LEN_B)
+    assert [got.get(i) for i in range(len(paths))] == [w.text for w in want]
+    assert {w.bandwidth for w in want} == {"nb", "wb"}
+    assert "Please install torchaudio" not in proc.stderr
+
+
+def test_interactive_without_a_language_refuses_at_once(trained, tmp_path):
+    data = trained["corpus"]
+    path = str(data / manifest_rows(data, "test_asr_wb")[0]["audio"])
+    proc = interactive(trained, path + "\n", tmp_path)  # the dictionary has en and es: which one?
+    assert proc.returncode != 0
+    assert "pass --force-tgt-lang LANG" in proc.stderr and "<lang:en>" in proc.stderr
+
+
+def test_interactive_bad_path_names_the_line_and_the_command_to_use(trained, tmp_path):
+    proc = interactive(trained, str(tmp_path / "missing.wav") + "\n", tmp_path, "--force-tgt-lang", "en")
+    assert proc.returncode != 0
+    assert re.search(r"input line 1: .*missing\.wav: file not found", proc.stderr), proc.stderr[-2000:]
+    assert "python -m fairseq_smoe.cli.transcribe" in proc.stderr
+
+
+def test_restore_routes_leaves_dataset_batches_alone_and_refuses_strangers(trained, hub):
+    """A fairseq-generate batch (prefix present) passes through untouched; a bare batch with no queued routes is
+    refused with the commands that do work."""
+    import torch
+
+    from fairseq_smoe.hub import interactive as inter
+
+    sample = {"decoder_prefix": torch.zeros(1, 2), "net_input": {}}
+    assert inter.restore_routes(hub.task, sample) is sample
+    setattr(hub.task, inter.QUEUE_ATTR, None)
+    bare = {"net_input": {"src_tokens": torch.zeros(1, 5, 80), "src_lengths": torch.tensor([5])}}
+    with pytest.raises(inter.InteractiveError, match="fairseq-generate .* fairseq-interactive .* fairseq_smoe.hub"):
+        inter.restore_routes(hub.task, bare)

@@ -215,3 +215,15 @@ def test_checkpoint_loads_and_sum_rows_run_decoder_expert_2_only(trained):
     assert not torch.allclose(before, after)
     assert torch.equal(asr_before, asr_after)
     assert np.isfinite(before.numpy()).all()
+
+
+def test_vocab_cli_adds_the_guiding_token_of_every_decoder_route(tmp_path, capsys):
+    from fairseq_smoe.data import vocab
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sits on the mat\nel gato se sienta en la alfombra\nthe dog runs in the park\n")
+    vocab.main(["--text", str(text), "--out-dir", str(tmp_path / "out"), "--langs", "en,es", "--vocab-size", "40",
+                "--decoder-routes", ",".join(DECODER_ROUTES)])
+    symbols = [line.split()[0] for line in (tmp_path / "out" / "spm.txt").read_text().splitlines()]
+    assert symbols[:5] == ["<transcribe>", "<translate>", "<summarize>", "<lang:en>", "<lang:es>"]
+    assert '"vocab_filename": "spm.txt"' in capsys.readouterr().out

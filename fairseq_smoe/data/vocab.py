@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
-from ..routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag, route_token
+from ..routing import DEFAULT_DECODER_ROUTES, guiding_token, lang_tag, parse_route_list, route_token
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ def main(argv=None):
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
     p.add_argument("--byte-fallback", action="store_true", help="byte-level fallback (BBPE-like with --model-type bpe)")
     p.add_argument("--prefix", default="spm")
+    p.add_argument("--decoder-routes", default=",".join(DEFAULT_DECODER_ROUTES),
+                   help="config.yaml's smoe.decoder_routes: each route's guiding token becomes a symbol (e.g. "
+                        "transcribe,translate,summarize adds <summarize>)")
     a = p.parse_args(argv)
 
     def lines():
@@ -113,7 +116,7 @@ def main(argv=None):
                 yield from f
 
     cfg = build_vocab(lines(), a.out_dir, a.langs.split(","), a.vocab_size, a.model_type, a.prefix,
-                      byte_fallback=a.byte_fallback)
+                      task_tokens=parse_route_list(a.decoder_routes, "--decoder-routes"), byte_fallback=a.byte_fallback)
     print(json.dumps(cfg))
 
 

@@ -544,6 +544,30 @@ def test_manifest_row_and_a_kept_vocabulary_are_checked(tmp_path):
         common.write_data_dir(tmp_path, rows, ["ab ba"], ["en", "fr"], 50, vocab_type="char")
 
 
+def test_the_writer_writes_a_routing_tables_tasks_and_their_guiding_tokens(tmp_path):
+    """A third decoder route by configuration: the writer's config.yaml reads back as the same table, and the
+    vocabulary holds the new task's guiding token; the default table writes no tasks entry."""
+    import yaml
+
+    from fairseq_smoe.data.config import SMoEDataConfig
+
+    table = routing.RoutingTable(routing.BANDWIDTHS, ("transcribe", "translate", "summarize"),
+                                 tasks={"asr": "transcribe", "st": "translate", "sum": "summarize"})
+    rows = {"train": [common.manifest_row(id="a_sum_wb", audio="a.wav", n_frames=5, tgt_text="ab", speaker="",
+                                          task="sum", src_lang="en", tgt_lang="en", bandwidth="wb")]}
+    common.write_data_dir(tmp_path / "sum", rows, ["ab ba", "abba"], ["en"], 50, vocab_type="char", routes=table)
+    smoe = yaml.safe_load((tmp_path / "sum" / "config.yaml").read_text())["smoe"]
+    assert smoe == {"encoder_routes": ["wb", "nb"], "decoder_routes": ["transcribe", "translate", "summarize"],
+                    "tasks": {"asr": "transcribe", "st": "translate", "sum": "summarize"}}
+    assert SMoEDataConfig.from_dict(smoe).routing_table == table
+    symbols = [line.split(" ")[0] for line in (tmp_path / "sum" / "spm.txt").read_text().splitlines()]
+    assert symbols[:4] == ["<transcribe>", "<translate>", "<summarize>", "<lang:en>"]
+    common.write_data_dir(tmp_path / "default", rows, ["ab ba"], ["en"], 50, vocab_type="char",
+                          routes=routing.RoutingTable())
+    assert yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["smoe"] == routing.smoe_config()
+    assert "<summarize> 1" not in (tmp_path / "default" / "spm.txt").read_text()
+
+
 # ---- voices and the real packages (when installed) -------------------------------------------------------------
 
 @pytest.mark.parametrize("voice", offline_tts.VOICES, ids=lambda v: v.name)

@@ -24,7 +24,7 @@ import yaml
 from ..data import audio
 from ..data.manifest import MANIFEST_COLUMNS  # the column list lives there; manifest_row and write_manifest use it
 from ..data.vocab import build_vocab, guiding_tokens
-from ..routing import RoutingTable, smoe_config
+from ..routing import DEFAULT_ASR_TASKS, DEFAULT_DECODER_ROUTES, TASK_TO_GUIDING_TOKEN, RoutingTable, smoe_config
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,14 @@ def _call_star(args):
 def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True,
                  routes: Optional[RoutingTable] = None) -> Path:
     """``config.yaml`` with utterance CMVN, optional SpecAugment (LB policy) and the S-MoE routes (``routes``, else
-    the defaults; :func:`fairseq_smoe.routing.smoe_config` writes the section)."""
-    smoe = smoe_config(routes.encoder_routes, routes.decoder_routes) if routes is not None else smoe_config()
+    the defaults; :func:`fairseq_smoe.routing.smoe_config` writes the section, with the table's tasks and ASR tasks
+    where they are not the defaults)."""
+    if routes is None:
+        smoe = smoe_config()
+    else:
+        smoe = smoe_config(routes.encoder_routes, routes.decoder_routes,
+                           tasks=None if routes.tasks == TASK_TO_GUIDING_TOKEN else routes.tasks,
+                           asr_tasks=None if routes.asr_tasks == DEFAULT_ASR_TASKS else routes.asr_tasks)
     cfg = {
         "input_feat_per_channel": 80,
         **vocab_cfg,
@@ -155,21 +161,25 @@ def write_config(out_dir: Path, vocab_cfg: Dict, specaugment: bool = True,
 
 
 def write_vocab(out_dir: Path, texts: Iterable[str], langs: Iterable[str], vocab_size: int,
-                model_type: str = "unigram", byte_fallback: bool = False) -> Dict:
-    """SentencePiece model + fairseq dictionary with the guiding tokens (skipped if both exist)."""
+                model_type: str = "unigram", byte_fallback: bool = False,
+                task_tokens: Sequence[str] = DEFAULT_DECODER_ROUTES) -> Dict:
+    """SentencePiece model + fairseq dictionary with the guiding tokens of ``task_tokens`` and ``langs`` (skipped if
+    both exist)."""
     out_dir = Path(out_dir)
     if (out_dir / "spm.model").exists() and (out_dir / "spm.txt").exists():
         logger.info(f"{out_dir}/spm.model exists, kept")
         return {"bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": "spm.model"},
                 "vocab_filename": "spm.txt"}
-    return build_vocab(texts, str(out_dir), list(langs), vocab_size, model_type, byte_fallback=byte_fallback)
+    return build_vocab(texts, str(out_dir), list(langs), vocab_size, model_type, byte_fallback=byte_fallback,
+                       task_tokens=task_tokens)
 
 
-def check_vocab_covers(out_dir: Path, langs: Sequence[str]) -> None:
+def check_vocab_covers(out_dir: Path, langs: Sequence[str],
+                       task_tokens: Sequence[str] = DEFAULT_DECODER_ROUTES) -> None:
     """A vocabulary kept from an earlier run must hold the guiding tokens this run's rows need."""
     dict_path = Path(out_dir) / "spm.txt"
     have = {line.split(" ", 1)[0] for line in dict_path.read_text(encoding="utf-8").splitlines()}
-    missing = [t for t in guiding_tokens(langs) if t not in have]
+    missing = [t for t in guiding_tokens(langs, task_tokens) if t not in have]
     if missing:
         raise PrepError(f"{dict_path} (from an earlier run) lacks {missing}; delete {out_dir}/spm.model and "
                         f"{dict_path} to train a vocabulary for the languages of this run")
@@ -179,18 +189,21 @@ def write_data_dir(out_dir: Path, manifests: Dict[str, Sequence[Dict]], vocab_te
                    langs: Sequence[str], vocab_size: int, vocab_type: str = "unigram", byte_fallback: bool = False,
                    specaugment: bool = True, routes: Optional[RoutingTable] = None) -> None:
     """The end of every prep pipeline, once its audio is on disk: the vocabulary (trained on ``vocab_texts`` with
-    the guiding tokens of ``langs``; one kept from an earlier run must cover them), ``config.yaml`` (``routes``, else
-    the default routes), then ``<name>.tsv`` for every entry of ``manifests``, in the given order.
+    the guiding tokens of the routes' tasks and decoder routes and of ``langs``; one kept from an earlier run must
+    cover them), ``config.yaml`` (``routes``, else the default routes), then ``<name>.tsv`` for every entry of
+    ``manifests``, in the given order.
 
     The manifests come last, so a data directory with manifests is complete; each file is written atomically, and
     a rerun keeps the vocabulary and rewrites the same config and manifests.
     """
     out_dir = Path(out_dir)
+    table = routes if routes is not None else RoutingTable()
+    task_tokens = [*table.tasks.values(), *table.decoder_routes]  # guiding_tokens: one <token> per name, in order
     if (out_dir / "spm.model").exists() and (out_dir / "spm.txt").exists():
-        check_vocab_covers(out_dir, langs)
+        check_vocab_covers(out_dir, langs, task_tokens)
     try:
         vocab_cfg = write_vocab(out_dir, vocab_texts, langs, vocab_size, model_type=vocab_type,
-                                byte_fallback=byte_fallback)
+                                byte_fallback=byte_fallback, task_tokens=task_tokens)
     except RuntimeError as e:  # SentencePiece's own message says what to change (e.g. a too small --vocab-size)
         raise PrepError(f"{out_dir / 'spm.model'}: SentencePiece cannot train it: {e}") from None
     write_config(out_dir, vocab_cfg, specaugment=specaugment, routes=routes)

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data import audio
-from ..routing import ASR_TASK, BANDWIDTHS, ST_TASK, is_asr_task
+from ..routing import ASR_TASK, NB, ST_TASK, WB, is_asr_task
 from . import common
 from . import offline_sources
 from . import offline_text
@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 NB_MAX_HIGH_BAND_DB = -50.0  # an NB clip upsampled to 16 kHz must have less than this above 4 kHz
 REAL_SPEAKER = "allison"
 SRC_LANG = "en"  # every clip speaks English: a target in English is its transcript (ASR), any other a translation
-# Both bandwidths of a clip, in the order the corpus was first planned in: clips list their bandwidths, and a clip in
-# one bandwidth draws it, in this order (alphabetical, so a change of routing.BANDWIDTHS' order changes no clip)
-CLIP_BANDWIDTHS = tuple(sorted(BANDWIDTHS))
+# Both bandwidths of a clip, in the order the corpus was first planned in (not routing.BANDWIDTHS' expert order): clips
+# list their bandwidths in this order, and a clip in one bandwidth draws it from this tuple by a seeded hash
+CLIP_BANDWIDTHS = (NB, WB)
 # spoken digit strings: the words a voice reads and their translations (what an IVR reads back: account numbers,
 # PINs, extensions)
 DIGIT_WORDS = {
@@ -56,8 +56,8 @@ DIGIT_WORDS = {
     "de": "null eins zwei drei vier fünf sechs sieben acht neun".split(),
 }
 DIGIT_PAUSE_S = 0.08  # silence between the spliced Asterisk digit recordings
-BW_RATE = {"nb": 8000, "wb": audio.TARGET_SAMPLE_RATE}
-BW_EXT = {"nb": "wav", "wb": "g722"}  # the Asterisk packages' file of each bandwidth
+BW_RATE = {NB: 8000, WB: audio.TARGET_SAMPLE_RATE}
+BW_EXT = {NB: "wav", WB: "g722"}  # the Asterisk packages' file of each bandwidth
 LICENCES = {
     "asterisk-core-sounds": "CC-BY-SA-3.0 (Allison Smith / Digium); transcripts and translations from the packages",
     "debian-translations": "package descriptions under their packages' licences (DDTP translations)",
@@ -289,7 +289,7 @@ def check_disjoint(clips: Sequence[Clip]) -> None:
 # ---- audio ------------------------------------------------------------------------------------------------------
 
 def clip_path(out_dir: Path, clip_id: str, bw: str) -> Path:
-    return Path(out_dir) / "wav" / ("8k" if bw == "nb" else "16k") / f"{clip_id}.wav"
+    return Path(out_dir) / "wav" / ("8k" if bw == NB else "16k") / f"{clip_id}.wav"
 
 
 def _measure(path: Path, bw: str) -> Tuple[int, float]:
@@ -312,17 +312,17 @@ def make_synth_batch(out_dir: str, voice_name: str, items: List[Tuple[str, str, 
             if not all(clip_path(Path(out_dir), cid, bw).exists() for bw in bws)]
     if todo:
         for (cid, _, bws), wb in zip(todo, offline_tts.synthesize(voice, [t for _, t, _ in todo])):
-            if "wb" in bws:
-                common.write_audio(clip_path(Path(out_dir), cid, "wb"), wb, audio.TARGET_SAMPLE_RATE)
-            if "nb" in bws:
-                common.write_audio(clip_path(Path(out_dir), cid, "nb"),
+            if WB in bws:
+                common.write_audio(clip_path(Path(out_dir), cid, WB), wb, audio.TARGET_SAMPLE_RATE)
+            if NB in bws:
+                common.write_audio(clip_path(Path(out_dir), cid, NB),
                                  audio.telephone_channel(wb, audio.TARGET_SAMPLE_RATE), 8000)
     return {cid: {bw: _measure(clip_path(Path(out_dir), cid, bw), bw) for bw in bws} for cid, _, bws in items}
 
 
 def read_asterisk(path: Path, bw: str) -> np.ndarray:
     """An Asterisk recording: NB = the package's 8 kHz wav, WB = the G.722 file decoded to 16 kHz."""
-    if bw == "wb":
+    if bw == WB:
         return offline_sources.decode_g722(Path(path))
     wav, sr = audio.read_waveform(audio.AudioRef(str(path)))
     if sr != 8000:
@@ -337,7 +337,7 @@ def make_real_batch(out_dir: str, items: List[Tuple[str, str, str]]) -> Dict:
     torch.set_num_threads(1)
     out = {}
     for cid, nb_src, wb_src in items:
-        for bw, src in (("nb", nb_src), ("wb", wb_src)):
+        for bw, src in ((NB, nb_src), (WB, wb_src)):
             dst = clip_path(Path(out_dir), cid, bw)
             if not dst.exists():
                 common.write_audio(dst, read_asterisk(src, bw), BW_RATE[bw])
@@ -399,7 +399,7 @@ def spectrum_report(clips: Sequence[Clip], info: Dict[str, Dict]) -> Dict:
         for bw in c.bandwidths:
             db = info[c.id][bw][1]
             values[f"{c.source}_{bw}"].append(db)
-            if bw == "nb" and db >= NB_MAX_HIGH_BAND_DB:
+            if bw == NB and db >= NB_MAX_HIGH_BAND_DB:
                 bad.append((c.id, round(db, 1)))
     if bad:
         raise ValueError(f"{len(bad)} NB clips have energy above 4 kHz (>= {NB_MAX_HIGH_BAND_DB} dB): {bad[:5]}")

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data import audio
-from ..routing import (ASR_TASK, BANDWIDTHS, DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, ST_TASK,
-                       TASK_TO_GUIDING_TOKEN, RoutingTable)
+from ..routing import (ASR_TASK, BANDWIDTHS, DEFAULT_DECODER_ROUTES, DEFAULT_ENCODER_ROUTES, NB, ST_TASK, WB,
+                       RoutingTable)
 from .common import (
     PrepError,
     atomic_path,
@@ -178,7 +178,7 @@ def prepare_audio(job: AudioJob) -> Dict[str, Tuple[str, int]]:
 
     out: Dict[str, Tuple[str, int]] = {}
     for bw in job.bandwidths:
-        if bw != src_bw and not (bw == "nb" and src_bw == "wb"):
+        if bw != src_bw and not (bw == NB and src_bw == WB):
             continue
         if bw == src_bw and in_place:
             out[bw] = (str(Path(utt.source).resolve()), n_frames_of(info.frames, sr))
@@ -270,7 +270,7 @@ def routing_table(utts: Sequence[Utterance], opts: Options) -> RoutingTable:
         table = RoutingTable(DEFAULT_ENCODER_ROUTES, opts.decoder_routes)
         for u in utts:
             for task, lang, _ in targets(u, opts.tasks):
-                table.decoder_route_name(TASK_TO_GUIDING_TOKEN[task], lang)
+                table.decoder_route_of_task(task, lang)
     except (KeyError, ValueError) as e:
         raise PrepError(f"--decoder-routes {','.join(opts.decoder_routes)}: {e.args[0]}") from None
     return table

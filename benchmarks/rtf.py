@@ -23,6 +23,10 @@ Cases, each on the same ``--utts`` synthetic utterances of ``--seconds`` s:
 One call of the API decodes one task (the decoder route is the same for all its rows), so decoder-mixed batches
 are not a case here. Batch size ``b`` is ``max_sentences=b`` on the whole list (batch size 1: one row per batch).
 
+The systems of one size are loaded side by side; each case is called ``--repeats`` times, every repeat running
+each system once, in an order rotated by one per repeat, so that the S-MoE / Base ratio is a median of ratios of
+calls made back to back under the same machine load.
+
 Speed is the issue's real-time factor, **audio seconds per processing second** (x real time: higher is faster);
 the conventional RTF (processing / audio, lower is faster) is given next to it. Processing time is the process's
 CPU time (``time.process_time``): on a shared machine the time this process waits for a core does not count; wall
@@ -168,13 +172,17 @@ def median(xs):
 
 
 def measure(cfg) -> Dict:
+    """Every size: its systems loaded side by side, then every (batch, case) timed ``--repeats`` times, each
+    repeat running every system once in an order rotated by one per repeat (paired under the same machine load)."""
     results = {"config": {k: v for k, v in vars(cfg).items() if k != "out"}, "runs": {}}
     inputs = make_inputs(cfg.utts, cfg.seconds)
     audio_s = cfg.utts * cfg.seconds
+    plan = [(b, c) for b in cfg.batch_sizes for c in CASES if not (c == "mixed-in-batch" and b == 1)]
     with tempfile.TemporaryDirectory(prefix="smoe_rtf_") as tmp:
         model_dir = Path(tmp)
         write_data_dir(model_dir, cfg.vocab)
         for size in cfg.sizes:
+            hubs, runs = {}, {}
             for system in cfg.systems:
                 arch = SYSTEMS[system] + SIZE_SUFFIX[size]
                 ckpt = write_checkpoint(model_dir, arch, cfg.tiny)
@@ -182,36 +190,42 @@ def measure(cfg) -> Dict:
                 # every hypothesis exactly --tokens long: the same decoder steps for every system and case
                 hub.cfg.generation.min_len = cfg.tokens
                 BatchLog(hub.task)
-                key = f"{size} {system}"
-                run = {"arch": arch, "params": count_params(hub), "cases": {}}
-                print(f"[rtf] {key}: {arch}, {run['params'] / 1e6:.2f} M parameters", file=sys.stderr, flush=True)
+                hubs[system] = hub
+                runs[system] = {"arch": arch, "params": count_params(hub), "cases": {}}
+                print(f"[rtf] {size} {system}: {arch}, {runs[system]['params'] / 1e6:.2f} M parameters",
+                      file=sys.stderr, flush=True)
                 # warm-up: one short call of each kind (first-call allocations, generator construction)
                 for case in ("one-route", "mixed-in-batch"):
                     run_case(hub, inputs[case][:2], 2, case, cfg)
-                for batch in cfg.batch_sizes:
-                    for case in CASES:
-                        if case == "mixed-in-batch" and batch == 1:
-                            continue  # a batch of one row is one route
-                        reps = [run_case(hub, inputs[case], batch, case, cfg) for _ in range(cfg.repeats)]
-                        cpu = median([r["cpu_s"] for r in reps])
-                        wall = median([r["wall_s"] for r in reps])
-                        entry = {"batch": batch, "case": case, "audio_s": audio_s, "cpu_s": [r["cpu_s"] for r in reps],
-                                 "wall_s": [r["wall_s"] for r in reps], "median_cpu_s": cpu, "median_wall_s": wall,
-                                 "x_realtime": audio_s / cpu, "rtf": cpu / audio_s,
-                                 "x_realtime_wall": audio_s / wall, **{k: reps[0][k] for k in
-                                                                       ("bandwidths", "hyp_tokens", "batches",
-                                                                        "mixed_batches")}}
-                        run["cases"][f"b{batch} {case}"] = entry
-                        print(f"[rtf] {key} batch {batch} {case}: x{entry['x_realtime']:.1f} real time "
-                              f"(RTF {entry['rtf']:.4f}), batches {entry['batches']}", file=sys.stderr, flush=True)
-                results["runs"][key] = run
-                del hub
-    results["ratios"] = ratios(results["runs"], cfg)
+            names = list(hubs)
+            for batch, case in plan:
+                reps = {name: [] for name in names}
+                for r in range(cfg.repeats):
+                    for name in names[r % len(names):] + names[: r % len(names)]:
+                        reps[name].append(run_case(hubs[name], inputs[case], batch, case, cfg))
+                for name in names:
+                    entry = _entry(reps[name], batch, case, audio_s)
+                    runs[name]["cases"][f"b{batch} {case}"] = entry
+                    print(f"[rtf] {size} {name} batch {batch} {case}: x{entry['x_realtime']:.1f} real time "
+                          f"(RTF {entry['rtf']:.4f}), batches {entry['batches']}", file=sys.stderr, flush=True)
+            for name in names:
+                results["runs"][f"{size} {name}"] = runs[name]
+            del hubs
+    results["ratios"] = ratios(results["runs"])
     return results
 
 
-def ratios(runs: Dict, cfg) -> List[Dict]:
-    """Speed ratios: mixed / one-route, batch b / batch 1, S-MoE / Base (same size, batch and case)."""
+def _entry(reps: List[Dict], batch: int, case: str, audio_s: float) -> Dict:
+    cpu, wall = median([r["cpu_s"] for r in reps]), median([r["wall_s"] for r in reps])
+    return {"batch": batch, "case": case, "audio_s": audio_s, "cpu_s": [r["cpu_s"] for r in reps],
+            "wall_s": [r["wall_s"] for r in reps], "median_cpu_s": cpu, "median_wall_s": wall,
+            "x_realtime": audio_s / cpu, "rtf": cpu / audio_s, "x_realtime_wall": audio_s / wall,
+            **{k: reps[0][k] for k in ("bandwidths", "hyp_tokens", "batches", "mixed_batches")}}
+
+
+def ratios(runs: Dict) -> List[Dict]:
+    """Speed ratios: mixed / one-route and batch b / batch 1 (of the medians), and S-MoE / Base (same size, batch
+    and case): the median of the per-repeat ratios, each repeat's two calls made back to back."""
     out = []
     for key, run in runs.items():
         cases = run["cases"]
@@ -228,8 +242,9 @@ def ratios(runs: Dict, cfg) -> List[Dict]:
         if system != "base" and base is not None:
             for name, e in cases.items():
                 if name in base["cases"]:
-                    out.append({"run": key, "what": f"{name}: {system} / base",
-                                "ratio": e["x_realtime"] / base["cases"][name]["x_realtime"]})
+                    paired = [b / s for s, b in zip(e["cpu_s"], base["cases"][name]["cpu_s"])]
+                    out.append({"run": key, "what": f"{name}: {system} / base", "ratio": median(paired),
+                                "per_repeat": paired})
     return out
 
 
@@ -272,7 +287,9 @@ def report_md(results: Dict) -> str:
             lines.append(f"| {size} | {system} ({run['arch']}) | {run['params'] / 1e6:.2f} M | {e['batch']} | "
                          f"{e['case']} | **{e['x_realtime']:.1f}** | {e['rtf']:.4f} | {e['x_realtime_wall']:.1f} | "
                          f"{batches} |")
-    lines += ["", "### Ratios (of x real time)", "", "| run | ratio | value |", "|---|---|---|"]
+    lines += ["", "### Ratios (of x real time)", "",
+              "mixed / one-route and b16 / b1: ratios of the medians; S-MoE / Base: median of the per-repeat ratios "
+              "(the two systems called back to back).", "", "| run | ratio | value |", "|---|---|---|"]
     lines += [f"| {r['run']} | {r['what']} | x{r['ratio']:.3f} |" for r in results["ratios"]]
     return "\n".join(lines) + "\n"
 

@@ -61,6 +61,11 @@ def test_ratios_and_report(run):
         smoe["b4 mixed"]["x_realtime"] / smoe["b4 one-route"]["x_realtime"])
     assert ratios[("xs smoe", "one-route b4 / b1")] == pytest.approx(
         smoe["b4 one-route"]["x_realtime"] / smoe["b1 one-route"]["x_realtime"])
+    # S-MoE / Base: per repeat (one here), the two calls made back to back
+    paired = {r["what"]: r["per_repeat"] for r in res["ratios"] if r["run"] == "xs smoe" and "per_repeat" in r}
+    assert sorted(paired) == sorted(f"{case}: smoe / base" for case in smoe)
+    assert paired["b1 one-route: smoe / base"] == pytest.approx(
+        [base["b1 one-route"]["cpu_s"][0] / smoe["b1 one-route"]["cpu_s"][0]])
     assert ratios[("xs smoe", "b1 one-route: smoe / base")] == pytest.approx(
         smoe["b1 one-route"]["x_realtime"] / base["b1 one-route"]["x_realtime"])
     assert res["machine"]["torch_threads"] == 1 and res["machine"]["OMP_NUM_THREADS"] == "1"

@@ -261,3 +261,13 @@ def test_global_cmvn_and_specaugment_come_from_config_transforms(tmp_path):
     assert torch.equal(train, task.datasets["train"][0].source)
     task.datasets["train"].set_epoch(2)
     assert not torch.equal(train, task.datasets["train"][0].source)
+
+
+def test_manifest_column_lists_agree():
+    """One module lists the columns: what prep writes is what the dataset reads, and stock fairseq's are among them."""
+    from fairseq_smoe.data import manifest
+
+    assert set(manifest.REQUIRED_COLUMNS) <= set(manifest.MANIFEST_COLUMNS)
+    assert set(manifest.MANIFEST_COLUMNS) <= set(manifest.REQUIRED_COLUMNS) | set(manifest.OPTIONAL_COLUMNS)
+    assert [c for c in manifest.MANIFEST_COLUMNS if c in manifest.STOCK_MANIFEST_COLUMNS] == \
+        manifest.STOCK_MANIFEST_COLUMNS

@@ -11,11 +11,11 @@ The checkpoint holds only plain types (no ``argparse.Namespace``), so stock fair
 
 Stock ``speech_to_text`` needs data it can read, which ``--data/--subsets/--out-data`` writes: the rows of the
 exported route pair, their fbank as ``.npy`` (computed by this plugin: NB audio resampled to 16 kHz, so stock
-fairseq sees exactly the features the S-MoE model saw), targets already split into SentencePiece pieces and
-starting with the guiding prefix (stock ``--prefix-size 2``, ``routing.PREFIX_LEN``, forces it from there), a copy
-of the dictionary in which the task tokens are renamed ``<lang:transcribe>``-style (stock S2T strips ``<lang:*>``
-tokens from its output, so hypotheses and references carry no guiding tokens, as with the plugin), and a ``config.yaml`` without the
-plugin's keys. Then::
+fairseq sees exactly the features the S-MoE model saw), targets already split into SentencePiece pieces and starting
+with the guiding prefix (stock ``--prefix-size 2``, ``routing.PREFIX_LEN``, forces it from there), a copy of the
+dictionary in which the task tokens are renamed ``<lang:transcribe>``-style (stock S2T strips ``<lang:*>`` tokens
+from its output, so hypotheses and references carry no guiding tokens, as with the plugin), and a ``config.yaml``
+without the plugin's keys. Then::
 
     fairseq-generate dense_data --task speech_to_text --config-yaml config.yaml --gen-subset test_asr_wb \\
         --path dense_wb_asr.pt --prefix-size 2 --post-process sentencepiece --beam 5 --scoring wer

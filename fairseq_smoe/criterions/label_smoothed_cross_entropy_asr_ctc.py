@@ -5,8 +5,8 @@ default). A small attention model trained from scratch on little speech first le
 sentences and only later to listen; CTC ties every encoder frame to the transcript from the first update, so the
 encoder learns acoustics at once. Only ASR rows get it (rows of ``smoe.asr_tasks``, told by the collater's per-row
 mask): an ST row shares its audio (and its encoder input) with an ASR row, and the encoder does not know the task,
-so CTC towards a translation would fight CTC towards the transcript. The guiding prefix and ``</s>`` are not CTC targets; ``<s>`` (index 0, unused in targets) is the blank,
-as in fairseq's ``ctc`` criterion.
+so CTC towards a translation would fight CTC towards the transcript. The guiding prefix and ``</s>`` are not CTC
+targets; ``<s>`` (index 0, unused in targets) is the blank, as in fairseq's ``ctc`` criterion.
 
 The CTC projection is fairseq's own ``S2TTransformerEncoder.ctc_proj``, built when ``--ctc-weight`` > 0. Plain
 decoding, exported models and active-parameter counts leave it out; joint CTC/attention decoding

@@ -1,9 +1,10 @@
 """Bandwidth-aware speech-to-text dataset: manifest rows -> fbank + guided target + encoder/decoder route ids.
 
-Manifest columns, reading and row checks: :mod:`fairseq_smoe.data.manifest`. Targets become
-``<transcribe> <lang:en> ... </s>`` (ASR) or ``<translate> <lang:es> ... </s>`` (ST): the guiding prefix
-(:meth:`fairseq_smoe.routing.RoutingTable.prefix_symbols`, ``PREFIX_LEN`` tokens) is fed to the decoder but masked (pad) in ``target``, so no criterion scores it; generation forces it from
-``decoder_prefix``, which comes from the manifest (or a command-line override), never from the reference.
+Manifest columns, reading and row checks: :mod:`fairseq_smoe.data.manifest`. Targets become ``<transcribe> <lang:en>
+... </s>`` (ASR) or ``<translate> <lang:es> ... </s>`` (ST): the guiding prefix
+(:meth:`fairseq_smoe.routing.RoutingTable.prefix_symbols`, ``PREFIX_LEN`` tokens) is fed to the decoder but masked
+(pad) in ``target``, so no criterion scores it; generation forces it from ``decoder_prefix``, which comes from the
+manifest (or a command-line override), never from the reference.
 """
 
 import logging

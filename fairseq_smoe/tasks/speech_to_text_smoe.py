@@ -4,13 +4,14 @@ What it adds to ``speech_to_text``:
 
 * targets start with a guiding prefix (``<transcribe> <lang:en>`` / ``<translate> <lang:es>``) built from the
   manifest's ``task`` and ``tgt_lang`` by :class:`~fairseq_smoe.routing.RoutingTable` (``smoe.tasks`` in
-  config.yaml maps tasks to guiding tokens: a new task is configuration and vocabulary only); criteria never score it, the generator forces it, and it is stripped from
-  hypotheses;
+  config.yaml maps tasks to guiding tokens: a new task is configuration and vocabulary only); criteria never score
+  it, the generator forces it, and it is stripped from hypotheses;
 * every batch carries encoder (bandwidth) and decoder (task) route ids in ``net_input``;
 * ``--force-task`` / ``--force-tgt-lang`` decode a test set as another task (e.g. an ASR set as ST);
-* ``--ctc-decode-weight`` decodes ASR rows with joint CTC/attention beam search (:mod:`fairseq_smoe.decoding.joint_ctc`);
-* validation decodes greedily and logs ``wer`` (rows of ``smoe.asr_tasks``) and ``bleu`` (the other rows), usable as
-  ``--best-checkpoint-metric``; every batch logs the same keys, so that several processes can sum them;
+* ``--ctc-decode-weight`` decodes ASR rows with joint CTC/attention beam search
+  (:mod:`fairseq_smoe.decoding.joint_ctc`);
+* validation decodes greedily and logs ``wer`` (rows of ``smoe.asr_tasks``) and ``bleu`` (the other rows), usable
+  as ``--best-checkpoint-metric``; every batch logs the same keys, so that several processes can sum them;
 * precision: ``fairseq-generate --fp16`` feeds the halved model half inputs; ``--amp --amp-dtype bfloat16`` trains,
   validates and decodes under ``torch.autocast`` in bf16 on CUDA or the CPU, and ``--bf16`` (which fairseq reserves
   for TPUs) is refused without torch_xla, naming that route.

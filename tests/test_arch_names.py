@@ -1,7 +1,7 @@
 """Architecture names: every one is written literally in fairseq_smoe/models/, and each still sets the defaults it did.
 
-tests/data/arch_namespaces.json was written by the registration code before the names became a literal table
-(the loops over variants x sizes): for every registered name, the Namespace its architecture function makes from
+tests/data/arch_namespaces.json was written by the registration code of commit cd217f3, before the names became a
+literal table (the loops over variants x sizes): for every registered name, the Namespace its architecture function makes from
 an empty Namespace and from one holding user overrides. The table must reproduce both exactly.
 """
 

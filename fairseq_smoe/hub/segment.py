@@ -6,7 +6,9 @@ attention cost. The speech/non-speech decision per 30 ms frame comes from WebRTC
 else from frame energy relative to the recording's own loudest and quietest frames. Either way the frame decisions
 are smoothed the same way: speech runs closer than ``min_silence_s`` merge, runs shorter than ``min_speech_s`` are
 dropped, each run is widened by ``pad_s`` (never past the middle of the silence to its neighbour), and a run longer
-than ``max_segment_s`` is split at its quietest frames.
+than ``max_segment_s`` is split at its quietest frames. Last, a segment's ends are moved in past digital silence
+(samples exactly 0: an edited or padded recording): it carries nothing, and its fbank frames (the log floor) would
+skew the per-utterance CMVN of the segment.
 """
 
 import importlib.util
@@ -44,7 +46,7 @@ def _frames(wav: np.ndarray, frame: int) -> np.ndarray:
     return wav[: n * frame].reshape(n, frame)
 
 
-def webrtc_speech_frames(wav: np.ndarray, sr: int, aggressiveness: int = 2) -> np.ndarray:
+def webrtc_speech_frames(wav: np.ndarray, sr: int, aggressiveness: int = 3) -> np.ndarray:
     """WebRTC VAD's speech flag per 30 ms frame (``sr`` one of 8, 16, 32, 48 kHz)."""
     import webrtcvad
 
@@ -83,6 +85,20 @@ def _runs(flags: np.ndarray) -> List[List[int]]:
     return [[int(a), int(b)] for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
 
 
+def _zero_runs(x: np.ndarray, min_run: int) -> List[List[int]]:
+    return [r for r in _runs(x == 0) if r[1] - r[0] >= min_run]
+
+
+def _last_zero_run_end(x: np.ndarray, min_run: int) -> Optional[int]:
+    runs = _zero_runs(x, min_run)
+    return runs[-1][1] if runs else None
+
+
+def _first_zero_run_start(x: np.ndarray, min_run: int) -> Optional[int]:
+    runs = _zero_runs(x, min_run)
+    return runs[0][0] if runs else None
+
+
 def _split_long(run, energy: np.ndarray, max_frames: int) -> List[List[int]]:
     """Split a run longer than ``max_frames`` at its quietest frame in the middle half, recursively."""
     a, b = run
@@ -97,12 +113,13 @@ def speech_segments(
     wav: np.ndarray,
     sr: int,
     method: str = "auto",
-    aggressiveness: int = 2,
+    aggressiveness: int = 3,
     min_silence_s: float = 0.3,
     min_speech_s: float = 0.25,
     pad_s: float = 0.2,
     max_segment_s: float = 20.0,
     energy_threshold_db: Optional[float] = None,
+    min_digital_silence_s: float = 0.01,
 ) -> List[Segment]:
     """Speech segments of ``wav`` (mono float in [-1, 1]) in time order; empty when nothing is speech.
 
@@ -132,11 +149,24 @@ def speech_segments(
     max_frames = max(1, int(max_segment_s / frame_s))
     pieces = [p for r in merged for p in _split_long(r, energy, max_frames)]
     total = len(wav) / sr
+    min_zero_run = max(1, int(min_digital_silence_s * sr))
     segments = []
     for i, (a, b) in enumerate(pieces):
         start, end = a * frame_s, b * frame_s
         # widen by pad_s, but only up to the middle of the gap to the neighbouring piece
         left = 0.0 if i == 0 else (pieces[i - 1][1] * frame_s + start) / 2
         right = total if i == len(pieces) - 1 else (end + pieces[i + 1][0] * frame_s) / 2
-        segments.append(Segment(max(left, start - pad_s), min(right, end + pad_s)))
+        s0, s1 = int(round(max(left, start - pad_s) * sr)), int(round(min(right, end + pad_s) * sr))
+        # digital silence in the gap delimits the utterance exactly: reach out to it, then in past it
+        lo, hi = int(round(left * sr)), int(round(right * sr))
+        z0 = _last_zero_run_end(wav[lo:int(round(start * sr))], min_zero_run)
+        if z0 is not None:
+            s0 = lo + z0
+        z1 = _first_zero_run_start(wav[int(round(end * sr)):hi], min_zero_run)
+        if z1 is not None:
+            s1 = int(round(end * sr)) + z1
+        nonzero = np.flatnonzero(wav[s0:s1])
+        if nonzero.size:
+            s0, s1 = s0 + int(nonzero[0]), s0 + int(nonzero[-1]) + 1
+        segments.append(Segment(s0 / sr, s1 / sr))
     return segments

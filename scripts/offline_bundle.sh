@@ -69,9 +69,9 @@ ls "$TMP/wheels"/fairseq_smoe-*.whl >/dev/null
 rm -rf "$REPO/build"  # pip wheel's leftovers (git-ignored)
 { printf '%s\n' "${pins[@]}" | grep -v -i '^pip<' | sed 's/==.*//'; echo fairseq_smoe; } > "$TMP/requirements-node.txt"
 
-echo "[bundle] sources: fairseq_smoe, tests, benchmarks/speed.py"
+echo "[bundle] sources: fairseq_smoe, tests, docs, benchmarks/speed.py"
 mkdir -p "$TMP/src/benchmarks"
-(cd "$REPO" && tar cf - --exclude=__pycache__ --exclude='*.pyc' fairseq_smoe tests setup.py README.md) | tar xf - -C "$TMP/src"
+(cd "$REPO" && tar cf - --exclude=__pycache__ --exclude='*.pyc' fairseq_smoe tests setup.py README.md docs) | tar xf - -C "$TMP/src"
 cp "$REPO/benchmarks/speed.py" "$TMP/src/benchmarks/"
 [ -d "$TMP/src/tests/gpu" ] || echo "[bundle] warning: tests/gpu is missing: node.sh will have no GPU suite to run" >&2
 

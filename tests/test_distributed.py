@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_commands
+
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS.parent / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -49,8 +51,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def test_torch_ddp_with_unused_experts_matches_one_process(tmp_path):
-    sys.path.insert(0, str(TESTS))
-    import ddp_worker
+    import ddp_worker  # tests/ is on the path: pytest puts the test files' folder there
 
     steps = 3
     torchrun(TESTS / "ddp_worker.py", tmp_path / "ddp.pt", steps, cwd=tmp_path)
@@ -139,16 +140,8 @@ def subset_corpus(corpus_dir, dest: Path, train_groups, bad_audio_groups=()):
 
 
 def validated_train_cmd(data, save_dir, *extra):
-    """A 2-process fairseq-train as users run it: validation on, WER for the best checkpoint, CE + CTC."""
-    return [
-        str(BIN / "fairseq-train"), str(data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
-        "--task", "speech_to_text_smoe", "--arch", "s2t_encdec_smoe_xs", "--encoder-layers", "2",
-        "--decoder-layers", "1", "--train-subset", "train_odd", "--valid-subset", "dev",
-        "--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", "0.3", "--optimizer", "adam",
-        "--lr", "2e-3", "--max-sentences", "8", "--seed", "7", "--save-dir", str(save_dir),
-        "--best-checkpoint-metric", "wer", "--eval-max-len-b", "10", "--cpu", "--num-workers", "0",
-        "--log-format", "simple", "--log-interval", "1", *DISTRIBUTED, *extra,
-    ]
+    """A 2-process fairseq-train as users run it (train_commands.validated_train_cmd over the odd-sized subset)."""
+    return train_commands.validated_train_cmd(data, save_dir, *DISTRIBUTED, *extra, train_subset="train_odd", seed=7)
 
 
 def generate(data, checkpoint, cwd, *extra):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from train_commands import validated_train_cmd
 
 from fairseq import optim, utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -145,15 +146,7 @@ def test_precision_flags_are_checked_when_the_task_is_set_up(task_and_data, monk
 
 # ------------------------------------------------------------------------------ through fairseq's command lines
 def train_cmd(data, save_dir, *extra):
-    return [
-        str(BIN / "fairseq-train"), str(data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
-        "--task", "speech_to_text_smoe", "--arch", "s2t_encdec_smoe_xs", "--encoder-layers", "2",
-        "--decoder-layers", "1", "--train-subset", "train", "--valid-subset", "dev",
-        "--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", "0.3", "--optimizer", "adam",
-        "--lr", "2e-3", "--max-sentences", "8", "--max-update", "3", "--seed", "3", "--save-dir", str(save_dir),
-        "--best-checkpoint-metric", "wer", "--eval-max-len-b", "10", "--no-epoch-checkpoints", "--cpu",
-        "--num-workers", "0", "--log-format", "simple", "--log-interval", "1", *extra,
-    ]
+    return validated_train_cmd(data, save_dir, "--max-update", "3", "--no-epoch-checkpoints", *extra, seed=3)
 
 
 def generate_cmd(data, checkpoint, *extra):

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 from fairseq_smoe.cli import params
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 from fairseq_smoe.routing import RoutingTable
 
 
@@ -23,7 +24,7 @@ def build_model():
     torch.manual_seed(1)
     args = params.model_args("s2t_encdec_smoe_xs", RoutingTable(), dict(
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layers=2, decoder_layers=1))
-    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, params._DictionaryOnlyTask(60))
+    return ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, DictionaryOnlyTask(60))
 
 
 def rank_batch(rank: int, step: int):

@@ -11,6 +11,7 @@ import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 from fairseq_smoe.cli import params
+from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 from fairseq_smoe.routing import RoutingTable
 from gpu_helpers import NO_BF16, native_bf16, record
 
@@ -36,7 +37,7 @@ def build(device):
     torch.manual_seed(0)
     args = params.model_args("s2t_encdec_smoe_xs", RoutingTable(), dict(dropout=0.0, encoder_layers=2,
                                                                          decoder_layers=1))
-    model = ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, params._DictionaryOnlyTask(60))
+    model = ARCH_MODEL_REGISTRY["s2t_encdec_smoe_xs"].build_model(args, DictionaryOnlyTask(60))
     # trained-like expert weights: each expert of a layer differs from its sibling
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -24,8 +24,6 @@ from typing import Dict, List, Optional, Set, Tuple
 TSV_COLUMNS = ("id", "path", "bandwidth", "task", "language", "text", "segments")
 FORMATS = ("tsv", "jsonl")
 
-logger = logging.getLogger("fairseq_smoe.cli.transcribe")
-
 
 class UsageError(ValueError):
     pass
@@ -91,7 +89,8 @@ def read_done_ids(path: str, fmt: str) -> Set[str]:
         data = f.read()
         if not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
-            logger.warning(f"{path}: cut off a torn last line ({len(data) - keep} bytes) left by an interrupted run")
+            print(f"{path}: cut off a torn last line ({len(data) - keep} bytes) left by an interrupted run",
+                  file=sys.stderr)
             f.truncate(keep)
             data = data[:keep]
     text = data.decode("utf-8")
@@ -168,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+    # fairseq's loading chatter (INFO) would bury the per-file reports
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, stream=sys.stderr)
     fmt = args.format or ("jsonl" if args.output and args.output.endswith((".jsonl", ".json")) else "tsv")
     try:
         pairs = collect_inputs(args.inputs, args.list)
@@ -182,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     todo = [(uid, path) for uid, path in pairs if uid not in done]
     if done:
-        logger.info(f"{args.output}: {len(pairs) - len(todo)} of {len(pairs)} files already done, resuming")
+        print(f"{args.output}: {len(pairs) - len(todo)} of {len(pairs)} files already done, resuming", file=sys.stderr)
 
     import torch
     from tqdm import tqdm
@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
-    if args.output and fmt == "tsv" and out.tell() == 0:
+    if fmt == "tsv" and (out is sys.stdout or out.tell() == 0):
         out.write("\t".join(TSV_COLUMNS) + "\n")
         out.flush()
     failed: List[Tuple[str, str]] = []

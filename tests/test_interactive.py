@@ -19,8 +19,10 @@ import pytest
 from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows, trained_model
 
 PATCH = """
-import sys
-import fairseq_smoe
+import argparse, sys
+from fairseq import utils
+# import the plugin from --user-dir as fairseq-interactive will (its second import is then a no-op)
+utils.import_user_module(argparse.Namespace(user_dir=sys.argv[sys.argv.index("--user-dir") + 1]))
 from fairseq_smoe.hub import interactive
 from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask as T
 _inference_step = T.inference_step

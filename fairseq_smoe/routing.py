@@ -281,13 +281,13 @@ class RouteBatch:
     Computed once per forward pass of an encoder or decoder (not once per layer), on the host: from the collater's
     :class:`RoutePlan` (no device-to-host transfer at all) or, for callers that pass only the id tensor, from one
     host copy of it. Either the whole batch takes one route (``single``; the layers then call that expert
-    directly, with no gather or scatter), or ``groups`` lists each used route with its rows, and ``perm`` (rows
-    sorted by route, stable), ``inverse`` and ``spans`` (route, start, end in ``perm``) let a mixed batch's FFN
-    gather its rows once in ``fc1`` and put them back once in ``fc2``. ``perm`` and ``inverse`` reach the device
+    directly, with no gather or scatter), or ``perm`` (rows sorted by route, stable), ``inverse`` and ``spans``
+    (each used route with its start and end in ``perm``) let a mixed batch's FFN gather its rows once in ``fc1``
+    and put them back once in ``fc2``. ``perm`` and ``inverse`` reach the device
     by non-blocking host-to-device copies, which queue behind the kernels in flight instead of waiting for them.
     """
 
-    __slots__ = ("ids", "single", "groups", "perm", "inverse", "spans")
+    __slots__ = ("ids", "single", "perm", "inverse", "spans")
 
     def __init__(self, ids: torch.Tensor, host_ids: Union[None, torch.Tensor, np.ndarray] = None):
         if ids.dim() != 1:
@@ -305,7 +305,6 @@ class RouteBatch:
         self.spans: List[Tuple[int, int, int]] = []
         if used.size == 1:
             self.single: Optional[int] = int(used[0])
-            self.groups: Optional[List[Tuple[int, torch.Tensor]]] = None
             return
         self.single = None
         order = np.argsort(host, kind="stable")
@@ -316,19 +315,19 @@ class RouteBatch:
             start += int(counts[r])
         self.perm = torch.as_tensor(order).to(ids.device, non_blocking=True)
         self.inverse = torch.as_tensor(np.argsort(order, kind="stable")).to(ids.device, non_blocking=True)
-        self.groups = [(r, self.perm[a:b]) for r, a, b in self.spans]
 
     @classmethod
     def of_single_route(cls, ids: torch.Tensor, route: int) -> "RouteBatch":
         """A batch already known to take one route (e.g. kept through beam-search reordering): no host copy."""
         batch = cls.__new__(cls)
-        batch.ids, batch.single, batch.groups = ids, int(route), None
+        batch.ids, batch.single = ids, int(route)
         batch.perm = batch.inverse = None
         batch.spans = []
         return batch
 
     def used_routes(self) -> List[int]:
-        return [self.single] if self.single is not None else [r for r, _ in self.groups]
+        """The routes this batch's rows take, in expert order (what a forward hook inspects)."""
+        return [self.single] if self.single is not None else [r for r, _, _ in self.spans]
 
 
 class RoutePlan:

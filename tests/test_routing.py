@@ -37,10 +37,11 @@ def test_bad_route_lists_are_rejected(bad):
 
 def test_route_batch_groups_rows_once():
     single = RouteBatch(torch.tensor([1, 1, 1]))
-    assert single.single == 1 and single.groups is None
+    assert single.single == 1 and single.spans == [] and single.perm is None
     mixed = RouteBatch(torch.tensor([1, 0, 1, 2]))
     assert mixed.single is None
-    assert [(r, rows.tolist()) for r, rows in mixed.groups] == [(0, [1]), (1, [0, 2]), (2, [3])]
+    assert mixed.spans == [(0, 0, 1), (1, 1, 3), (2, 3, 4)]
+    assert mixed.perm.tolist() == [1, 0, 2, 3] and mixed.inverse.tolist() == [1, 0, 2, 3]
 
 
 def test_route_context_checks_ids_and_restores():

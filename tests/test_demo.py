@@ -281,3 +281,81 @@ def test_train_records_its_first_projection_next_to_the_measured_time(monkeypatc
     doc = json.loads((tmp_path / "exp" / "progress.json").read_text())
     assert doc["status"] == "measured" and doc["systems"]["s2t_smoe_base"] == {"status": "measured",
                                                                               "seconds": info["train_seconds"]}
+
+
+# --- the score tables are a function of results.json ---
+
+RESULTS = REPO / "examples" / "demo" / "results"
+# pairs whose .md starts with a note added by hand (an HTML comment line) above what the table code wrote
+ANNOTATED = {"quick_2cpu_build1", "quick_2cpu_cleanclone"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RESULTS.glob("*.json")))
+def test_committed_results_regenerate_identically(name, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--tables-from",
+                           str(RESULTS / f"{name}.json"), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    committed = (RESULTS / f"{name}.md").read_bytes()
+    if name in ANNOTATED:
+        note, committed = committed.split(b"\n", 1)
+        assert note.startswith(b"<!-- ") and note.endswith(b" -->")
+    assert (tmp_path / "results.md").read_bytes() == committed
+    png = (tmp_path / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_tables_from_the_run_s_results_json_are_the_run_s_tables(demo, tmp_path):
+    _, out, _ = demo
+    results = json.loads((out / "results.json").read_text())
+    assert results["beam"] == 1 and "average_last" not in results  # compare.py alone: checkpoint_best.pt
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--tables-from",
+                           str(out / "results.json"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results.md").read_bytes() == (out / "results.md").read_bytes()
+    assert (tmp_path / "results.png").read_bytes() == (out / "results.png").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.compare", "--tables-from",
+                           str(tmp_path / "none.json"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and f"--tables-from {tmp_path / 'none.json'}: no such file" in proc.stderr
+
+
+def test_checkpoints_saved_for_averaging(tmp_path):
+    """Without --average-last the training command is the one earlier runs recorded in their DONE files (so their
+    results are reused); with it the last K checkpoints are kept, and saving starts K-1 intervals before the end
+    where validation runs only at the end."""
+    c = compare_module()
+    data, out = tmp_path / "data", tmp_path / "exp"
+
+    def flags(*extra):
+        args = c.parse_args(["--data", str(data), "--out", str(out), *extra])
+        cmd = c.train_cmd(args, "s2t_dec_smoe", out / "x")
+        i = cmd.index("--validate-interval-updates")
+        return cmd[i:cmd.index("--no-epoch-checkpoints")]
+
+    assert flags("--preset", "quick") == ["--validate-interval-updates", "4000", "--save-interval-updates", "4000",
+                                          "--keep-interval-updates", "1"]
+    assert flags("--preset", "quick", "--average-last", "5") == [
+        "--validate-interval-updates", "4000", "--save-interval-updates", "100", "--keep-interval-updates", "5",
+        "--validate-after-updates", "3600"]
+    # full: validation every 2000 updates already saves there; the last 5 of those are kept
+    assert flags("--preset", "full", "--average-last", "5") == [
+        "--validate-interval-updates", "2000", "--save-interval-updates", "2000", "--keep-interval-updates", "5"]
+    with pytest.raises(SystemExit, match="training saves only 40 checkpoints in 4000 updates"):
+        flags("--preset", "quick", "--average-last", "50")
+    with pytest.raises(SystemExit, match="--steps train,score: choose from train,average,decode,table"):
+        flags("--steps", "train,score")
+
+
+def test_the_averaged_checkpoints_include_the_last_where_an_epoch_ended(tmp_path):
+    """fairseq writes no checkpoint_<epoch>_<update>.pt where a save interval ends an epoch: checkpoint_last.pt
+    stands for the final update then."""
+    c = compare_module()
+    args = c.parse_args(["--data", str(tmp_path), "--out", str(tmp_path), "--preset", "smoke", "--average-last", "3"])
+    for name in ("checkpoint_1_1.pt", "checkpoint_2_3.pt", "checkpoint_1_2.pt", "checkpoint_last.pt",
+                 "checkpoint_best.pt", "checkpoint10.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in c.average_inputs(args, tmp_path, 4)] == ["checkpoint_last.pt", "checkpoint_2_3.pt",
+                                                                      "checkpoint_1_2.pt"]
+    (tmp_path / "checkpoint_2_4.pt").write_bytes(b"")
+    assert [p.name for p in c.average_inputs(args, tmp_path, 4)] == ["checkpoint_2_4.pt", "checkpoint_2_3.pt",
+                                                                      "checkpoint_1_2.pt"]

@@ -572,7 +572,7 @@ def average(args, save_dir: Path, final_update: Optional[int] = None) -> Path:
                        f"writes none where a save interval ends an epoch); averaging those")
     cmd = [sys.executable, "-m", "fairseq_smoe.cli.average_checkpoints", "--inputs", *map(str, inputs),
            "--output", str(out)]
-    run_logged(cmd, save_dir / f"checkpoint_avg{args.average_last}.log")
+    run_logged(cmd, save_dir / f"checkpoint_avg{args.average_last}.log", args.threads)
     write_atomic(out.with_suffix(".json"), json.dumps({"inputs": [p.name for p in inputs]}) + "\n")
     return out
 

@@ -19,6 +19,7 @@ import editdistance
 import sacrebleu
 
 from ..data.dataset import read_manifest
+from ..routing import is_asr_task
 
 BLEU_SHORTLIST = 50  # ST: exact BLEU on the candidates closest to the references by word edit distance
 
@@ -59,7 +60,7 @@ def for_test_set(data: Path, subset: str, train_rows: List[Dict[str, str]]) -> D
     """WER (and CER) for an ASR test set, BLEU for an ST one."""
     rows = read_manifest(str(data / f"{subset}.tsv"))
     lang = rows[0]["tgt_lang"]
-    metric = "WER" if rows[0]["task"] == "asr" else "BLEU"
+    metric = "WER" if is_asr_task(rows[0]["task"]) else "BLEU"
     targets = [r["tgt_text"] for r in train_rows if r["tgt_lang"] == lang]
     if not targets:
         raise ValueError(f"{data / 'train.tsv'}: no training targets in language {lang!r} (for {subset})")

@@ -20,6 +20,7 @@ import torch
 from fairseq import checkpoint_utils, utils
 
 from ..decoding.joint_ctc import ctc_log_probs
+from ..routing import ASR_TASK, is_asr_task
 from ..scoring.evaluation import cer_stats, wer_from_sums, wer_stats
 
 PLUGIN = Path(__file__).resolve().parents[1]  # the fairseq_smoe package: --user-dir
@@ -46,7 +47,7 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
     blank = d.bos()  # as label_smoothed_cross_entropy_asr_ctc trains it
     task.load_dataset(subset)
     dataset = task.dataset(subset)
-    if any(t != "asr" for t in getattr(dataset, "tasks", ["asr"])):
+    if not all(is_asr_task(t) for t in getattr(dataset, "tasks", [ASR_TASK])):
         raise SystemExit(f"{subset}: not an ASR test set (CTC is trained on transcripts only)")
     batches = task.get_batch_iterator(dataset, max_tokens=max_tokens, max_positions=(10 ** 6, 10 ** 6),
                                       ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)

@@ -43,7 +43,7 @@ from fairseq_smoe.cli import params  # also registers the models and the criteri
 from fairseq_smoe.tasks.dictionary_only import DictionaryOnlyTask
 from fairseq_smoe.criterions.label_smoothed_cross_entropy_moe import LabelSmoothedCrossEntropyMoECriterion  # noqa
 from fairseq_smoe.prep.common import atomic_path
-from fairseq_smoe.routing import RoutePlan, RoutingTable
+from fairseq_smoe.routing import ASR_TASK, ST_TASK, RoutePlan, RoutingTable
 
 SYSTEMS = {  # name: (architecture prefix, route pattern of the batches)
     "base": ("s2t_smoe_base", "one"),
@@ -268,7 +268,7 @@ def measure_data_pipeline(n_utts: int, seconds: float, repeats: int) -> Dict:
             write_audio(root / f"u{i}.wav", wav.astype(np.float32), sr)
             rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "n_frames": int(seconds * 100) - 2,
                          "tgt_text": "the cat sits on the mat" if i % 4 < 2 else "el gato se sienta en la alfombra",
-                         "task": "asr" if i % 4 < 2 else "st", "tgt_lang": "en" if i % 4 < 2 else "es",
+                         "task": ASR_TASK if i % 4 < 2 else ST_TASK, "tgt_lang": "en" if i % 4 < 2 else "es",
                          "bandwidth": "nb" if i % 2 else "wb", "speaker": "s", "src_lang": "en"})
         write_manifest(root / "train.tsv", rows)
         vocab_cfg = write_vocab(root, [r["tgt_text"] for r in rows] * 20, ["en", "es"], 40)

@@ -46,7 +46,7 @@ def test_joint_ctc_decoding_keeps_ctc_scores_per_source_utterance(device):
         "decoder_route_ids": torch.zeros(B, dtype=torch.long, device=device),  # transcribe
     }}
     prefix = torch.tensor([[d.index(guiding_token("transcribe")), d.index(lang_tag("en"))]] * B, device=device)
-    guiding = {d.index(s) for s in d.symbols if s.startswith("<lang:") or s in ("<transcribe>", "<translate>")}
+    guiding = RoutingTable().guiding_token_ids(d)
     gen_kwargs = dict(beam_size=size["beam"], max_len_a=0, max_len_b=size["steps"] + 2, min_len=size["steps"] + 2)
 
     def peak(generator):

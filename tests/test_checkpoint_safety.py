@@ -140,7 +140,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, payload):
     assert isinstance(err.value, pickle.UnpicklingError)  # what torch raises, for callers that catch it
     message = str(err.value)
     assert message.startswith(f"{path}: refused to load") and offending in message
-    assert f"python -m fairseq_smoe.checkpoint.safety --trust {path}" in message
+    assert f"python -m fairseq_smoe.cli.trust_checkpoint --trust {path}" in message
     assert not marker.exists()
 
 
@@ -174,7 +174,7 @@ def test_trusted_legacy_checkpoint_is_converted_explicitly(tmp_path, trained):
         checkpoint_utils.load_checkpoint_to_cpu(str(legacy))
 
     converted = tmp_path / "converted.pt"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.checkpoint.safety", "--trust", str(legacy),
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.trust_checkpoint", "--trust", str(legacy),
                            "--out", str(converted)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert isinstance(torch.load(converted, weights_only=True)["cfg"], dict)
@@ -185,7 +185,7 @@ def test_trusted_legacy_checkpoint_is_converted_explicitly(tmp_path, trained):
 
 
 def test_convert_refuses_a_missing_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.checkpoint.safety", "--trust",
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.trust_checkpoint", "--trust",
                            str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out.pt")],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and f"{tmp_path / 'nope.pt'}: no such file" in proc.stderr

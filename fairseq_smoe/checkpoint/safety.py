@@ -19,7 +19,7 @@ checkpoint holding any other global is refused (:class:`UnsafeCheckpointError`, 
 nothing in it runs. A trusted legacy file (e.g. one whose ``cfg`` is a pickled omegaconf ``DictConfig``) is opted in
 explicitly, once, by converting it::
 
-    python -m fairseq_smoe.checkpoint.safety --trust OLD.pt --out NEW.pt
+    python -m fairseq_smoe.cli.trust_checkpoint --trust OLD.pt --out NEW.pt
  ``_reconstruct`` is registered under both its numpy < 2 (``numpy.core``) and numpy >= 2 (``numpy._core``)
 names, because the pickle records the name of the numpy that saved it, not the one that loads it.
 """
@@ -28,7 +28,6 @@ import argparse
 import functools
 import os
 import pickle
-import sys
 
 import numpy as np
 import torch
@@ -70,7 +69,7 @@ def refusal_message(path: str, detail: str) -> str:
     return (
         f"{path}: refused to load: it holds pickled objects beyond what fairseq checkpoints contain, and "
         f"unpickling them could run code ({reason}). If you made this file or trust where it came from, convert it "
-        f"once with `python -m fairseq_smoe.checkpoint.safety --trust {path} --out CONVERTED.pt` and use the "
+        f"once with `python -m fairseq_smoe.cli.trust_checkpoint --trust {path} --out CONVERTED.pt` and use the "
         f"converted file."
     )
 
@@ -172,32 +171,8 @@ def _name(entry) -> str:
     return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description="Convert a trusted legacy checkpoint into one that loads under torch's weights_only allow-list."
-    )
-    p.add_argument("--trust", required=True, metavar="CHECKPOINT",
-                   help="the checkpoint to convert; it is fully unpickled, so only name a file you trust")
-    p.add_argument("--out", required=True, help="where to write the converted checkpoint")
-    a = p.parse_args(argv)
-    if not os.path.isfile(a.trust):
-        print(f"error: {a.trust}: no such file", file=sys.stderr)
-        return 2
-    try:
-        convert_trusted(a.trust, a.out)
-    except UnsafeCheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{a.out}: converted from {a.trust}; it loads with weights_only=True")
-    return 0
-
-
 def install() -> None:
     """The allow-list, the guarded loader and the guarded broadcast (idempotent)."""
     register()
     guard_fairseq_loader()
     guard_fairseq_broadcast()
-
-if __name__ == "__main__":
-    install()
-    sys.exit(main())

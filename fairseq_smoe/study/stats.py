@@ -315,7 +315,8 @@ def paired_bootstrap_wer(sys_a, sys_b, n_resamples: int = 1000, seed: int = 1, *
     pooled WER of b minus that of a. Averaging the seeds per utterance first would drop the seed-to-seed variance,
     which dominated the demo's noise; resampling keeps it. With few seeds the seed level is coarse (3 seeds give 10
     distinct draws) and the bootstrap variance of a mean over S seeds is (S - 1)/S of the usual estimate: with 3
-    seeds the seed part of the noise is understated by about a third. ``per_seed_delta`` and ``mde_seeds`` (the MDE
+    seeds the seed part of the variance is understated by a third (its standard error by about 18 %), stated here
+    rather than corrected. ``per_seed_delta`` and ``mde_seeds`` (the MDE
     from the spread of the per-seed differences, Student t) report the seed level on its own.
 
     Returns ``score_a``, ``score_b``, ``delta`` (full data), ``ci95`` (2.5th and 97.5th percentiles of the resampled
@@ -492,8 +493,8 @@ def mde(std_of_delta: float, n: int, alpha: float = 0.05, power: float = 0.8, di
     usual approximation of the noncentral t) or of the standard normal (``dist="normal"``: 1.960 + 0.842 = 2.80 at
     5 % and 80 %). Reference: H. S. Bloom (1995), "Minimum detectable effects: a simple way to report the
     statistical power of experimental designs", Evaluation Review 19(5):547-556 (MDE = multiplier · standard error);
-    the paired-sample form is the sample-size formula n = (z(1-α/2) + z(1-β))² σ_d² / Δ² solved for Δ (e.g. Chow,
-    Shao & Wang, "Sample Size Calculations in Clinical Research", §3.1). With ``n`` = 1 and ``dist="normal"``,
+    the paired-sample form is the one-sample sample-size formula n = (z(1-α/2) + z(1-β))² σ_d² / Δ² on the paired
+    differences, solved for Δ (e.g. Chow, Shao & Wang, "Sample Size Calculations in Clinical Research", ch. 3). With ``n`` = 1 and ``dist="normal"``,
     ``std_of_delta`` is read as the standard error of the difference itself (:func:`mde_from_bootstrap`)."""
     if not (0 < alpha < 1 and 0 < power < 1):
         raise ValueError(f"mde: alpha {alpha} and power {power} must lie strictly between 0 and 1")

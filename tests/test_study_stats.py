@@ -395,7 +395,13 @@ def test_paired_bleu_identical_systems():
     # sacreBLEU counts only resampled differences strictly above the observed 0: p = (0 + 1) / (200 + 1)
     assert r["identical"] and r["delta"] == 0.0 and r["p_value"] == pytest.approx(1 / 201)
     assert r["ci95"] == (0.0, 0.0) and r["bootstrap_p_value"] == 1.0
+    assert "no evidence of a difference" in r["p_value_note"]
     assert stats.verdict_of(r, stats.HIGHER) == stats.NOT_RESOLVED
+    # different outputs, both BLEU 0 (no 4-gram matches anywhere, as from untrained models): the same small p
+    zero = stats.paired_bleu(["x y"] * 6, ["z"] * 6, REFS, "bs", n_samples=200, seed=5)
+    assert not zero["identical"] and zero["score_a"] == zero["score_b"] == 0.0
+    assert zero["p_value"] == pytest.approx(1 / 201) and zero["p_value_note"] and zero["ci95"] == (0.0, 0.0)
+    assert stats.paired_bleu(HYP_A, HYP_B, REFS, n_samples=50)["p_value_note"] is None
 
 
 def test_paired_bleu_seeds_concatenate_for_sacrebleu(tmp_path):

@@ -421,8 +421,9 @@ def paired_bleu(hyps_a, hyps_b, refs: Sequence[str], method: str = "bs", *, n_sa
     position). Returned: ``score_a``, ``score_b`` (sacreBLEU's corpus BLEU), ``delta``, ``p_value`` and
     ``sacrebleu_ci95_a`` / ``_b`` (sacreBLEU's bootstrap mean and the half-width of its 95 % interval, per system),
     its ``signature``. Note sacreBLEU counts only resampled differences strictly larger than the observed one, so
-    two identical outputs get p = 1 / (n_samples + 1), not 1: a zero difference is no evidence of one
-    (``identical`` says when this is the case; the verdict is taken from the CI, which is then [0, 0]).
+    where the observed difference is 0 (identical outputs, ``identical``; or two different outputs of equal BLEU,
+    e.g. both 0 for untrained models) and the resampled ones are too, it reports p = 1 / (n_samples + 1), not 1: a
+    zero difference is no evidence of one. ``p_value_note`` then says so; the verdict is taken from the CI.
 
     sacreBLEU gives no interval for the difference, which the MDE and the verdict need: ``ci95``, ``delta_se`` and
     ``mde`` come from the same paired (seed, then segment) bootstrap as :func:`paired_bootstrap_wer`, each resample's
@@ -471,6 +472,9 @@ def paired_bleu(hyps_a, hyps_b, refs: Sequence[str], method: str = "bs", *, n_sa
     return {"metric": "BLEU", "a": name_a, "b": name_b, "test_set": test_set, "method": method,
             "score_a": float(res_a.score), "score_b": float(res_b.score), "delta": summary["delta"],
             "p_value": float(res_b.p_value), "identical": cat_a == cat_b,
+            "p_value_note": None if res_b.score != res_a.score else
+            "equal BLEU: sacreBLEU counts only strictly larger resampled differences, so its small p-value here is "
+            "no evidence of a difference (read the CI)",
             "sacrebleu_ci95_a": ci(res_a), "sacrebleu_ci95_b": ci(res_b), "n_samples": int(test.n_samples),
             "signature": signatures[metric_name].format(), "ci95": summary["ci95"], "delta_se": summary["delta_se"],
             "mde": summary["mde"], "bootstrap_p_value": summary["p_value"], "per_seed_delta": per_seed,

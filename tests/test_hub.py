@@ -184,6 +184,9 @@ def test_bad_requests_say_what_to_pass(trained, hub, tmp_path):
     no_lang = from_pretrained(trained["model"])  # the dictionary has <lang:en> and <lang:es>: ASR must be told
     with pytest.raises(HubError, match=r"pass lang=.*<lang:en>"):
         no_lang.transcribe(path)
+    too_long = np.random.default_rng(0).standard_normal(16000 * 70).astype(np.float32) * 0.1  # 70 s > 6000 frames
+    with pytest.raises(HubError, match="more than the model's 6000 source positions; cut it into segments"):
+        hub.transcribe(too_long, sample_rate=16000, segment=False)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         from_pretrained(trained["model"], checkpoint_file="nope.pt")
     with pytest.raises(FileNotFoundError, match="model directory not found"):

@@ -194,6 +194,12 @@ class SMoEHubInterface(nn.Module):
         return self._float_tensor.device
 
     @property
+    def max_source_frames(self) -> int:
+        """The longest input (fbank frames) the task and every model take."""
+        limits = utils.resolve_max_positions(self.task.max_positions(), *[m.max_positions() for m in self.models])
+        return int(limits[0])
+
+    @property
     def routing_table(self):
         return self.task.routing_table
 
@@ -236,6 +242,8 @@ class SMoEHubInterface(nn.Module):
         :func:`.segment.speech_segments`), ``True`` cuts every input, ``False`` none. ``ctc_weight``: joint
         CTC/attention weight of ASR decoding (default: the checkpoint's ``--ctc-decode-weight``).
         """
+        if segment not in (True, False, "auto"):
+            raise HubError(f"segment must be True, False or 'auto', got {segment!r}")
         single = _is_single(audio_in)
         inputs = [audio_in] if single else list(audio_in)
         route = self._route(task, tgt_lang)
@@ -243,8 +251,6 @@ class SMoEHubInterface(nn.Module):
         for p_index, p in enumerate(prepared):
             duration = len(p.wav16k) / audio.TARGET_SAMPLE_RATE
             cut = segment is True or (segment == "auto" and duration > long_audio_s)
-            if segment not in (True, False, "auto"):
-                raise HubError(f"segment must be True, False or 'auto', got {segment!r}")
             if cut:
                 pieces = seg.speech_segments(p.wav16k, audio.TARGET_SAMPLE_RATE, method=vad, **(vad_options or {}))
                 for s in pieces:
@@ -359,9 +365,14 @@ class SMoEHubInterface(nn.Module):
         # the out-of-vocabulary rate of the (empty) targets: noise for every call
         with _quiet("fairseq.data.audio.data_cfg", "fairseq.data.audio.speech_to_text_dataset"):
             dataset = self._dataset(pieces, prepared, route)
+        max_frames = self.max_source_frames
         for i, p in enumerate(pieces):
             if dataset.n_frames[i] == 0:
                 raise audio.AudioError(f"{p.label}: shorter than one 25 ms analysis window")
+            if dataset.n_frames[i] > max_frames:
+                raise HubError(f"{p.label}: {dataset.n_frames[i]} fbank frames, more than the model's "
+                               f"{max_frames} source positions; cut it into segments (segment=True or 'auto' "
+                               f"with a smaller long_audio_s)")
         batches = dataset.batch_by_size(dataset.ordered_indices(), max_tokens=max_tokens, max_sentences=max_sentences)
         strip = get_symbols_to_strip_from_output(generator)
         out: Dict[int, tuple] = {}

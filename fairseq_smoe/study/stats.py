@@ -498,8 +498,9 @@ def mde(std_of_delta: float, n: int, alpha: float = 0.05, power: float = 0.8, di
     5 % and 80 %). Reference: H. S. Bloom (1995), "Minimum detectable effects: a simple way to report the
     statistical power of experimental designs", Evaluation Review 19(5):547-556 (MDE = multiplier · standard error);
     the paired-sample form is the one-sample sample-size formula n = (z(1-α/2) + z(1-β))² σ_d² / Δ² on the paired
-    differences, solved for Δ (e.g. Chow, Shao & Wang, "Sample Size Calculations in Clinical Research", ch. 3). With ``n`` = 1 and ``dist="normal"``,
-    ``std_of_delta`` is read as the standard error of the difference itself (:func:`mde_from_bootstrap`)."""
+    differences, solved for Δ (e.g. Chow, Shao & Wang, "Sample Size Calculations in Clinical Research", ch. 3).
+    With ``n`` = 1 and ``dist="normal"``, ``std_of_delta`` is read as the standard error of the difference itself
+    (:func:`mde_from_bootstrap`)."""
     if not (0 < alpha < 1 and 0 < power < 1):
         raise ValueError(f"mde: alpha {alpha} and power {power} must lie strictly between 0 and 1")
     if n < 1 or int(n) != n:

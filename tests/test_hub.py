@@ -220,3 +220,25 @@ def test_cuda_gives_the_cpu_text(trained):
     assert gpu_hub.device.type == "cuda"
     gpu = gpu_hub.transcribe(paths, beam=BEAM, max_len_b=MAX_LEN_B)
     assert [g.text for g in gpu] == [c.text for c in cpu]
+
+
+@pytest.mark.parametrize("arch", ["s2t_encdec_smoe_xs", "s2t_encdec_lmoe_xs"])
+def test_checkpoints_from_before_the_redesign_give_their_recorded_hypotheses(arch):
+    """tests/data/pre_move: fairseq-generate's recorded hypotheses (beam 3, max-len-b 20) of an S-MoE and a
+    learned-gate checkpoint; the hub gives the same texts and scores (fairseq prints base-2 scores)."""
+    import json
+    import math
+
+    from fairseq_smoe.hub import from_pretrained
+
+    data = Path(__file__).resolve().parent / "data" / "pre_move"
+    expected = json.loads((data / "expected.json").read_text(encoding="utf-8"))["hypotheses"][arch]
+    hub = from_pretrained(data, checkpoint_file=f"{arch}.pt", lang="en", tgt_lang="es")
+    rows = manifest_rows(data, "test")
+    for task in ("asr", "st"):
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        got = hub.generate([data / rows[i]["audio"] for i in idx], task=task, beam=3, max_len_b=20)
+        assert [g.text for g in got] == [expected[str(i)]["text"] for i in idx]
+        for g, i in zip(got, idx):
+            assert g.score / math.log(2) == pytest.approx(expected[str(i)]["score"], abs=1e-4)
+            assert g.bandwidth == rows[i]["bandwidth"]

@@ -130,3 +130,15 @@ def test_segmenter_rules():
     assert seg.speech_segments(zeros(3), SR, method="energy") == []
     with pytest.raises(ValueError, match="VAD method"):
         seg.speech_segments(x, SR, method="silero")
+
+
+def test_auto_falls_back_to_energy_without_webrtcvad(trained, monkeypatch):
+    """Without webrtcvad (a machine that did not install webrtcvad-wheels), ``auto`` is the energy detector, and
+    asking for ``webrtc`` says what to install."""
+    recording, _, truth = build_recording(trained["corpus"], noise_rms=3e-4, seed=2)
+    monkeypatch.setattr(seg, "have_webrtcvad", lambda: False)
+    auto = seg.speech_segments(recording, SR, method="auto")
+    assert auto == seg.speech_segments(recording, SR, method="energy")
+    assert_boundaries(auto, truth)
+    with pytest.raises(ImportError, match="pip install webrtcvad-wheels"):
+        seg.speech_segments(recording, SR, method="webrtc")

@@ -23,6 +23,7 @@ setup(
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.0,<3",
         "editdistance>=0.6",
+        "scipy>=1.7",  # study/stats: Student-t quantiles for seed CIs and the minimum detectable effect
         "soundfile>=0.12",
         "pyyaml>=5.4",
     ],

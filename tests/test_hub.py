@@ -204,7 +204,7 @@ def test_loads_under_weights_only_through_the_allow_list(trained):
     assert "model" in state
     data = trained["corpus"]
     path = data / manifest_rows(data, "test_asr_wb")[0]["audio"]
-    a = from_pretrained(trained["model"], lang="en").transcribe(path, beam=BEAM, max_len_b=MAX_LEN_B)
+    a = from_pretrained(trained["model"], lang="en", device="cpu").transcribe(path, beam=BEAM, max_len_b=MAX_LEN_B)
     b = from_pretrained(trained["model"], lang="en").transcribe(path, beam=BEAM, max_len_b=MAX_LEN_B)
     assert a.text == b.text and a.tokens == b.tokens
 
@@ -218,6 +218,7 @@ def test_cuda_gives_the_cpu_text(trained):
     cpu = from_pretrained(trained["model"], lang="en").transcribe(paths, beam=BEAM, max_len_b=MAX_LEN_B)
     gpu_hub = from_pretrained(trained["model"], lang="en").cuda()
     assert gpu_hub.device.type == "cuda"
+    assert from_pretrained(trained["model"], lang="en", device="cuda").device.type == "cuda"
     gpu = gpu_hub.transcribe(paths, beam=BEAM, max_len_b=MAX_LEN_B)
     assert [g.text for g in gpu] == [c.text for c in cpu]
 

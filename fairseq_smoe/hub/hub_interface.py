@@ -61,12 +61,13 @@ class Transcript:
 
 
 def from_pretrained(model_dir, checkpoint_file: str = "checkpoint_best.pt", data_name_or_path: str = ".",
-                    config_yaml: str = "config.yaml", **overrides) -> "SMoEHubInterface":
+                    config_yaml: str = "config.yaml", device=None, **overrides) -> "SMoEHubInterface":
     """Load ``model_dir/checkpoint_file`` with the data directory ``data_name_or_path`` (relative to ``model_dir``
     when it starts with '.', as in fairseq) holding ``config_yaml``, the dictionary and the SentencePiece model.
 
     Keyword overrides go to the checkpoint's arguments as in fairseq (e.g. ``ctc_decode_weight=0.3``), except the
     hub's own: ``lang`` (the language ``transcribe`` writes) and ``tgt_lang`` (the default of ``translate``).
+    ``device`` (e.g. ``"cuda"``, ``"cuda:1"``) moves the models there, as ``.cuda()`` / ``.to(device)`` do later.
     Loading goes through fairseq's ``checkpoint_utils``, so torch's ``weights_only`` unpickler applies with the
     plugin's allow-list (installed when ``fairseq_smoe`` is imported).
     """
@@ -83,7 +84,8 @@ def from_pretrained(model_dir, checkpoint_file: str = "checkpoint_best.pt", data
                                 f"names the folder with config.yaml, the dictionary and the SentencePiece model)")
     loaded = hub_utils.from_pretrained(model_dir, checkpoint_file=checkpoint_file, data_name_or_path=str(data),
                                        config_yaml=config_yaml, task="speech_to_text_smoe", **overrides)
-    return SMoEHubInterface(loaded["args"], loaded["task"], loaded["models"], **hub_kwargs)
+    hub = SMoEHubInterface(loaded["args"], loaded["task"], loaded["models"], **hub_kwargs)
+    return hub if device is None else hub.to(device)
 
 
 def dictionary_languages(tgt_dict) -> List[str]:

@@ -25,6 +25,7 @@ setup(
         "editdistance>=0.6",
         "scipy>=1.7",  # study/stats: Student-t quantiles for seed CIs and the minimum detectable effect
         "soundfile>=0.12",
+        "webrtcvad-wheels>=2.0.14",  # hub: voice activity detection that cuts long recordings (energy fallback)
         "pyyaml>=5.4",
     ],
     extras_require={

@@ -44,7 +44,7 @@ trap 'rm -rf "$TMP"' EXIT
 # The node installs exactly these, with --no-deps: fairseq-fixed's declared scikit-learn and cython are left out on
 # purpose (see fairseq_optional_imports.py); torch, torchaudio, numpy, sentencepiece, sacrebleu come with the image.
 PKGS="fairseq-fixed hydra-core omegaconf antlr4-python3-runtime bitarray editdistance soundfile cffi pycparser
-PyYAML regex portalocker tqdm packaging pytest iniconfig pluggy pip"
+PyYAML regex portalocker tqdm packaging pytest iniconfig pluggy pip webrtcvad-wheels"
 [ "${WITH_SKLEARN:-0}" = 1 ] && PKGS="$PKGS scikit-learn scipy joblib threadpoolctl"
 pins=()
 for p in $PKGS; do

@@ -1,9 +1,7 @@
 """fairseq-interactive with audio paths on stdin (fairseq's own S2T usage) decodes through the plugin's reader.
 
-Until the task class delegates to :mod:`fairseq_smoe.hub.interactive` (three method overrides in
-``tasks/speech_to_text_smoe.py``), the test runs fairseq's interactive main (``fairseq_cli.interactive.cli_main``) in
-a subprocess whose task class gets those overrides from :data:`PATCH`; once the task has them, the same test runs
-the real ``fairseq-interactive`` console script. Either way: NB and WB files in one input, ASR and ST
+The real ``fairseq-interactive`` console script (the task delegates to :mod:`fairseq_smoe.hub.interactive`): NB and
+WB files in one input, ASR and ST
 (``--force-task``/``--force-tgt-lang``), small buffers (several datasets, several batches), each hypothesis equal to
 the hub's for that file with the same beam.
 """
@@ -11,43 +9,11 @@ the hub's for that file with the same beam.
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows, trained_model
-
-PATCH = """
-import argparse, sys
-from fairseq import utils
-# import the plugin from --user-dir as fairseq-interactive will (its second import is then a no-op)
-utils.import_user_module(argparse.Namespace(user_dir=sys.argv[sys.argv.index("--user-dir") + 1]))
-from fairseq_smoe.hub import interactive
-from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask as T
-_inference_step = T.inference_step
-def get_interactive_tokens_and_lengths(self, lines, encode_fn):
-    return interactive.get_interactive_tokens_and_lengths(self, lines, encode_fn)
-def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
-    return interactive.build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs)
-def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-    return _inference_step(self, generator, models, interactive.restore_routes(self, sample), prefix_tokens,
-                           constraints)
-T.get_interactive_tokens_and_lengths = get_interactive_tokens_and_lengths
-T.build_dataset_for_inference = build_dataset_for_inference
-T.inference_step = inference_step
-from fairseq_cli.interactive import cli_main
-sys.argv = ["fairseq-interactive"] + sys.argv[1:]
-cli_main()
-"""
-
-
-def task_delegates() -> bool:
-    """Whether the task class itself already has the interactive overrides (then the real CLI is tested)."""
-    from fairseq_smoe.tasks.speech_to_text_smoe import SpeechToTextSMoETask as T
-
-    return all(name in vars(T) for name in ("build_dataset_for_inference", "get_interactive_tokens_and_lengths"))
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, flite_cache):
@@ -62,13 +28,7 @@ def hub(trained):
 
 
 def interactive(trained, stdin: str, tmp_path: Path, *extra):
-    if task_delegates():
-        cmd = [str(BIN / "fairseq-interactive")]
-    else:
-        script = tmp_path / "interactive_patched.py"
-        script.write_text(PATCH)
-        cmd = [sys.executable, str(script)]
-    cmd += [str(trained["corpus"]), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
+    cmd = [str(BIN / "fairseq-interactive"), str(trained["corpus"]), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",
             "--path", str(trained["model"] / "checkpoint_best.pt"), "--config-yaml", "config.yaml",
             "--beam", str(BEAM), "--max-len-b", str(MAX_LEN_B), "--cpu", *extra]
     return subprocess.run(cmd, input=stdin, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -64,8 +64,16 @@ def derive_bandwidth(ref: audio.AudioRef, smoe_cfg: SMoEDataConfig) -> str:
     if sr is None:
         raise audio.AudioError(f"{ref}: feature files carry no sample rate; give the row a bandwidth (nb/wb)")
     if smoe_cfg.bandwidth_detection == "rate" or sr < audio.TARGET_SAMPLE_RATE:
+        return audio.bandwidth_from_rate(sr)  # no need to read the samples
+    return waveform_bandwidth(*audio.read_waveform(ref), smoe_cfg)
+
+
+def waveform_bandwidth(wav, sr: int, smoe_cfg: SMoEDataConfig) -> str:
+    """The bandwidth label of audio by ``smoe.bandwidth_detection`` (the rate; spectral at 16 kHz and above).
+
+    One rule for manifest rows without a label and for audio given to the hub interface."""
+    if smoe_cfg.bandwidth_detection == "rate" or sr < audio.TARGET_SAMPLE_RATE:
         return audio.bandwidth_from_rate(sr)
-    wav, sr = audio.read_waveform(ref)
     return audio.spectral_bandwidth(audio.resample(wav, sr), audio.TARGET_SAMPLE_RATE, smoe_cfg.spectral_threshold_db)
 
 

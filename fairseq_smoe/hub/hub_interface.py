@@ -26,6 +26,7 @@ from fairseq.data import data_utils
 
 from ..data import audio
 from ..data.dataset import SMoESpeechToTextDataset
+from ..data.manifest import waveform_bandwidth
 from ..routing import ASR_TASK, ST_TASK, TASK_TO_GUIDING_TOKEN, guiding_token, lang_tag
 from . import segment as seg
 
@@ -286,13 +287,9 @@ class SMoEHubInterface(nn.Module):
 
     def detect_bandwidth(self, wav: np.ndarray, sr: int) -> str:
         """The bandwidth label by the data config's rule, as the dataset derives it for rows without one
-        (``fairseq_smoe.data.dataset.derive_bandwidth``): the rate, or below 16 kHz always nb; ``spectral`` looks
+        (``fairseq_smoe.data.manifest.waveform_bandwidth``): the rate, or below 16 kHz always nb; ``spectral`` looks
         at the energy above 4 kHz of audio at 16 kHz or more."""
-        smoe_cfg = self.task.smoe_cfg
-        if smoe_cfg.bandwidth_detection == "rate" or sr < audio.TARGET_SAMPLE_RATE:
-            return audio.bandwidth_from_rate(sr)
-        return audio.spectral_bandwidth(audio.resample(wav, sr), audio.TARGET_SAMPLE_RATE,
-                                        smoe_cfg.spectral_threshold_db)
+        return waveform_bandwidth(wav, sr, self.task.smoe_cfg)
 
     # ------------------------------------------------------------------ internals
     def _route(self, task: str, tgt_lang: Optional[str]) -> dict:

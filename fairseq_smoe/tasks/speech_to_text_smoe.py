@@ -293,7 +293,23 @@ class SpeechToTextSMoETask(SpeechToTextTask):
                      for k, v in net_input.items()}
         return dict(sample, net_input=net_input)
 
+    # ------------------------------------------------------- fairseq-interactive
+    def get_interactive_tokens_and_lengths(self, lines, encode_fn):
+        """Audio paths read by the plugin's reader (fairseq's needs torchaudio.sox_effects, gone in 2.9)."""
+        from ..hub import interactive
+
+        return interactive.get_interactive_tokens_and_lengths(self, lines, encode_fn)
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        """The plugin's dataset over the paths: bandwidth per file, guiding prefix from --force-task/--force-tgt-lang."""
+        from ..hub import interactive
+
+        return interactive.build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs)
+
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        from ..hub import interactive  # fairseq-interactive's batches carry only src_tokens/src_lengths
+
+        sample = interactive.restore_routes(self, sample)
         prefix = sample["decoder_prefix"].to(sample["net_input"]["src_tokens"].device)
         if isinstance(getattr(generator, "model", None), JointCtcAttentionEnsemble):
             generator.model.prefix_len = prefix.size(1)

@@ -1,9 +1,6 @@
-"""docs/use.md ("Use a trained model") runs as written: every ```python block (in order, one namespace) and every
-```bash block, in a folder laid out as the page says, on the model the hub tests train.
-
-A block after ``<!-- needs: task-interactive -->`` calls ``fairseq-interactive``: until the task class delegates to
-``fairseq_smoe.hub.interactive`` (see tests/test_interactive.py), ``fairseq-interactive`` on the PATH of that block
-is a stand-in script that adds those overrides and runs fairseq's interactive main; the command line is the page's.
+"""docs/use.md ("Use a trained model") and the README's section of that name run as written: every ```python block
+(in order, one namespace) and every ```bash block, in a folder laid out as the pages say, on the model the hub tests
+train. A block after ``<!-- needs: task-interactive -->`` calls the real ``fairseq-interactive``.
 """
 
 import json
@@ -18,17 +15,25 @@ import pytest
 import soundfile as sf
 
 from test_hub import manifest_rows, trained_model
-from test_interactive import PATCH, task_delegates
 from test_long_audio import SR, build_recording
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "use.md"
+README = REPO / "README.md"
 FENCE = re.compile(r"(?:<!-- needs: (?P<needs>[\w-]+) -->\n)?```(?P<lang>python|bash)\n(?P<code>.*?)```", re.S)
 
 
-def blocks(lang):
-    return [(m.group("code"), m.group("needs")) for m in FENCE.finditer(PAGE.read_text(encoding="utf-8"))
-            if m.group("lang") == lang]
+def readme_section() -> str:
+    """The README's "Use a trained model" section, up to the next ``## `` heading."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Use a trained model\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def blocks(lang, text=None):
+    text = PAGE.read_text(encoding="utf-8") if text is None else text
+    return [(m.group("code"), m.group("needs")) for m in FENCE.finditer(text) if m.group("lang") == lang]
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +85,7 @@ def test_python_examples_run_as_written(workdir, monkeypatch, capsys):
 
 
 def test_shell_examples_run_as_written(workdir, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    if not task_delegates():  # the stand-in for fairseq-interactive until the task has the overrides
-        (bin_dir / "interactive_patched.py").write_text(PATCH)
-        shim = bin_dir / "fairseq-interactive"
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{bin_dir / "interactive_patched.py"}" "$@"\n')
-        shim.chmod(0o755)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for code, needs in blocks("bash"):
         proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir, env=env,
                               capture_output=True, text=True, timeout=900)
@@ -102,3 +100,25 @@ def test_shell_examples_run_as_written(workdir, tmp_path):
     assert all(t["language"] == "es" for t in translations)
     meetings = [json.loads(line) for line in (workdir / "meetings.jsonl").read_text().splitlines()]
     assert len(meetings) == 1 and len(meetings[0]["segments"]) >= 30
+
+
+def test_readme_examples_run_as_written(workdir, tmp_path, monkeypatch):
+    """The README's copy of the examples (a subset of docs/use.md's), in a fresh copy of the same layout."""
+    section = readme_section()
+    assert len(blocks("python", section)) >= 1 and len(blocks("bash", section)) >= 1
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work, symlinks=True,
+                    ignore=shutil.ignore_patterns("transcripts.tsv", "translations.jsonl", "meetings.jsonl"))
+    monkeypatch.chdir(work)
+    namespace = {"__name__": "__readme__"}
+    for code, _ in blocks("python", section):
+        exec(compile(code, f"{README}:python", "exec"), namespace)
+    assert namespace["result"].bandwidth == "nb" and namespace["spanish"].task == "st"
+    assert namespace["meeting"].segments
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for code, _ in blocks("bash", section):
+        proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    rows = (work / "transcripts.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("id\tpath\tbandwidth") and len(rows) == 3

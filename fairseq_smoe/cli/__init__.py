@@ -1,1 +1,2 @@
-"""Command-line tools (``python -m fairseq_smoe.cli.<name>``): params, validate, export."""
+"""Command-line tools, ``python -m fairseq_smoe.cli.<name>``: transcribe, average_checkpoints, upcycle, params, validate,
+export, trust_checkpoint."""

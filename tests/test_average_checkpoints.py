@@ -139,7 +139,8 @@ def test_newest_n_update_and_epoch_checkpoints_are_picked(run, tmp_path):
     assert f"{ep}: found 4 checkpoint<epoch>.pt files, need at least 5" in proc.stderr
     assert not (tmp_path / "e5.pt").exists()
     proc = average("--inputs", ep, "--output", tmp_path / "d.pt")
-    assert proc.returncode == 1 and "a directory needs --num-epoch-checkpoints or --num-update-checkpoints" in proc.stderr
+    assert proc.returncode == 1
+    assert "a directory needs --num-epoch-checkpoints or --num-update-checkpoints" in proc.stderr
     proc = average("--inputs", ep / "checkpoint1.pt", "--checkpoint-upper-bound", "3", "--output", tmp_path / "x.pt")
     assert proc.returncode == 2 and "--checkpoint-upper-bound needs --num-epoch-checkpoints" in proc.stderr
 
@@ -155,7 +156,9 @@ def test_checkpoints_of_other_models_are_refused(run, tmp_path):
     # other routes: the same data with the decoder routes in the other order (expert 0 = translate)
     swapped = data_copy(tmp_path / "swapped")
     cfg = (swapped / "config.yaml").read_text()
-    (swapped / "config.yaml").write_text(cfg.replace("  - transcribe\n  - translate\n", "  - translate\n  - transcribe\n"))
+    swapped_cfg = cfg.replace("  - transcribe\n  - translate\n", "  - translate\n  - transcribe\n")
+    assert swapped_cfg != cfg
+    (swapped / "config.yaml").write_text(swapped_cfg)
     train(swapped, tmp_path / "swapped_ckpt", 1)
     proc = average("--inputs", ckpt, tmp_path / "swapped_ckpt" / "checkpoint_last.pt", "--output", tmp_path / "b.pt")
     assert proc.returncode == 1

@@ -33,7 +33,7 @@ from typing import List, Optional
 
 import torch
 
-import fairseq_smoe  # noqa: F401  (registers the plugin and installs the guarded checkpoint loader)
+# importing this module imports the fairseq_smoe package first, whose __init__ installs the guarded loader
 from fairseq import checkpoint_utils
 
 from ..checkpoint import safety, signature

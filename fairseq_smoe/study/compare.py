@@ -12,9 +12,10 @@ subprocesses, exactly as a user would. ``--average-last K`` keeps the last K che
 (train, average, decode, table): the recipes' numbered stages call it one step at a time. Reruns resume: a finished
 training, average or decoding is skipped, an interrupted training continues from checkpoint_last.pt. Writes
 ``results.json``, ``results.md`` and ``results.png`` into ``--out``; ``--tables-from`` rebuilds the last two from a
-``results.json`` alone (the same code writes them in both cases). Next to each system's WER the table gives an empty hypothesis' WER (100: every reference word deleted)
-and the best *constant* hypothesis' score (:mod:`constant_baseline`: what a model that ignores the audio can reach
-with the text prior alone); a model listens only where it beats both.
+``results.json`` alone (the same code writes them in both cases). Next to each system's WER the table gives an
+empty hypothesis' WER (100: every reference word deleted) and the best *constant* hypothesis' score
+(:mod:`constant_baseline`: what a model that ignores the audio can reach with the text prior alone); a model listens
+only where it beats both.
 """
 
 import argparse

@@ -11,7 +11,6 @@ the same target language and every word prefix of them.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 

@@ -11,7 +11,6 @@ so its character error rate shows whether the encoder has learned to listen at a
 import argparse
 import itertools
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 

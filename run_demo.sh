@@ -24,11 +24,12 @@ step "2/4 Python environment (scripts/setup.sh)"
 bash scripts/setup.sh
 t1=$(stamp)
 step "3/4 offline corpus -> $data"
-OMP_NUM_THREADS=1 bash recipes/offline/run.sh --mode "$mode" --data "$data" --exp "$out" --stage 1 --stop-stage 1
+# the recipe's own defaults are these two folders (as absolute paths): a later recipes/offline/run.sh finds this run
+OMP_NUM_THREADS=1 bash recipes/offline/run.sh --mode "$mode" --stage 1 --stop-stage 1
 t2=$(stamp)
 step "4/4 train Base, DecFFNx2, DecS-MoE, EncDecS-MoE, average the last 5 checkpoints of each and decode every test set -> $out"
 # full mode without a GPU: the recipe says so and trains on the CPU (slow)
-bash recipes/offline/run.sh --mode "$mode" --data "$data" --exp "$out" --stage 2
+bash recipes/offline/run.sh --mode "$mode" --stage 2
 t3=$(stamp)
 step "done: setup $((t1 - t0)) s, corpus $((t2 - t1)) s, train + decode $((t3 - t2)) s (this run; finished stages were skipped)"
 step "results: $out/results.md, $out/results.json, $out/results.png"

@@ -213,6 +213,9 @@ def test_defaults_are_the_gpu_settings_and_smoke_is_the_cpu(tmp_path):
     proc = run_sh("offline", "--dry-run", "--data", "data/offline_quick", "--exp", "exp/demo_quick")
     assert "recipes/offline/prep.sh --out-dir data/offline_quick --mode quick" in proc.stdout
     assert "--preset quick" in proc.stdout and "--average-last 5" in proc.stdout
+    # run_demo.sh passes no folders: the recipe's defaults are the demo's, so a later run.sh finds the demo's run
+    proc = run_sh("offline", "--dry-run", "--stage", "2", "--stop-stage", "2")
+    assert f"--data {REPO}/data/offline_quick --out {REPO}/exp/demo_quick --preset quick" in proc.stdout
     proc = run_sh("mustc", "--stage", "x", check=False)
     assert proc.returncode == 2 and "--stage x: not a number" in proc.stderr
     proc = run_sh("mustc", "--mustc-root", "/m", check=False)

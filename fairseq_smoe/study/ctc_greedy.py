@@ -19,7 +19,7 @@ import torch
 from fairseq import checkpoint_utils, utils
 
 from ..decoding.joint_ctc import ctc_log_probs
-from ..routing import ASR_TASK, is_asr_task
+from ..routing import ASR_TASK
 from ..scoring.evaluation import cer_stats, wer_from_sums, wer_stats
 
 PLUGIN = Path(__file__).resolve().parents[1]  # the fairseq_smoe package: --user-dir
@@ -46,10 +46,12 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
     blank = d.bos()  # as label_smoothed_cross_entropy_asr_ctc trains it
     task.load_dataset(subset)
     dataset = task.dataset(subset)
-    if not all(is_asr_task(t) for t in getattr(dataset, "tasks", [ASR_TASK])):
+    table = task.routing_table
+    if not all(table.is_asr_task(t) for t in getattr(dataset, "tasks", [ASR_TASK])):
         raise SystemExit(f"{subset}: not an ASR test set (CTC is trained on transcripts only)")
     batches = task.get_batch_iterator(dataset, max_tokens=max_tokens, max_positions=(10 ** 6, 10 ** 6),
                                       ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    guiding = table.guiding_token_ids(d)  # never in a transcript
     rows = []
     with torch.no_grad():
         for sample in batches:
@@ -61,7 +63,7 @@ def decode(path: str, data: str, subset: str, cpu: bool = True, max_tokens: int 
             lprobs = lprobs.transpose(0, 1)  # B x T x V
             for b, index in enumerate(sample["id"].tolist()):
                 ids = [i for i in greedy_ids(lprobs[b], int(lengths[b]), blank)
-                       if i >= d.nspecial and not d[i].startswith("<")]  # no guiding tokens
+                       if i >= d.nspecial and i not in guiding]
                 hyp = d.string(torch.tensor(ids, dtype=torch.long))
                 hyp = bpe.decode(hyp) if bpe is not None else hyp
                 rows.append((dataset.ids[index], dataset.tgt_texts[index], hyp))

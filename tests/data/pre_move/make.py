@@ -1,12 +1,11 @@
 """Build tests/data/pre_move/: tiny checkpoints written by the plugin as it was before the redesign (commit a678e64),
 with the data they decode and the hypotheses they gave, so a test can show the moved code loads and decodes them
-identically. Run from the repository root at that commit:  python tests/data/pre_move/make.py OUT_DIR
+identically. Run from the repository root at that commit:  PYTHONPATH=tests python tests/data/pre_move/make.py OUT_DIR
 """
 import csv, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
-sys.path.insert(0, "tests")
-from fixture_corpus import make_corpus  # noqa: E402
+from fixture_corpus import make_corpus  # tests/ on PYTHONPATH
 
 out = Path(sys.argv[1]).resolve()
 work = Path("/tmp/premove/work")

@@ -13,19 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows, trained_model
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, flite_cache):
-    return trained_model(tmp_path_factory, flite_cache)
-
-
-@pytest.fixture(scope="module")
-def hub(trained):
-    from fairseq_smoe.hub import from_pretrained
-
-    return from_pretrained(trained["model"], lang="en", tgt_lang="es")
-
+from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows
+from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
 
 def interactive(trained, stdin: str, tmp_path: Path, *extra):
     cmd = [str(BIN / "fairseq-interactive"), str(trained["corpus"]), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",

@@ -14,25 +14,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_hub import BEAM, MAX_LEN_B, trained_model
+from test_hub import BEAM, MAX_LEN_B
+from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
 
 from fairseq_smoe.hub import segment as seg
 
 SR = 16000
 LENGTH_S = 120.0
 TOLERANCE_S = 0.3
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, flite_cache):
-    return trained_model(tmp_path_factory, flite_cache)
-
-
-@pytest.fixture(scope="module")
-def hub(trained):
-    from fairseq_smoe.hub import from_pretrained
-
-    return from_pretrained(trained["model"], lang="en", tgt_lang="es")
 
 
 def build_recording(corpus, noise_rms: float = 0.0, seed: int = 0):

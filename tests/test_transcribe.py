@@ -13,23 +13,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_hub import BEAM, MAX_LEN_B, manifest_rows, trained_model
+from test_hub import BEAM, MAX_LEN_B, manifest_rows
+from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
 
 from fairseq_smoe.cli import transcribe as cli
 
 COMMON = ["--beam", str(BEAM), "--max-len-b", str(MAX_LEN_B), "--cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, flite_cache):
-    return trained_model(tmp_path_factory, flite_cache)
-
-
-@pytest.fixture(scope="module")
-def hub(trained):
-    from fairseq_smoe.hub import from_pretrained
-
-    return from_pretrained(trained["model"], lang="en", tgt_lang="es")
 
 
 @pytest.fixture

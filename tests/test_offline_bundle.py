@@ -30,7 +30,7 @@ MAX_BYTES = 60_000_000
 REQUIRED_WHEELS = {
     "fairseq_fixed", "hydra_core", "omegaconf", "antlr4_python3_runtime", "bitarray", "editdistance", "soundfile",
     "cffi", "pycparser", "pyyaml", "regex", "portalocker", "tqdm", "packaging", "pytest", "iniconfig", "pluggy",
-    "fairseq_smoe",
+    "webrtcvad_wheels", "fairseq_smoe",
 }
 IMAGE_PACKAGES = ("torch", "torchaudio", "numpy", "sentencepiece", "sacrebleu")
 # no network on the node: any attempt to reach an index or a proxy fails at once

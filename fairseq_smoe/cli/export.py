@@ -66,7 +66,7 @@ def _plain(value):
     return plain_containers(vars(value) if isinstance(value, Namespace) else value)
 
 
-def _model_args(state: dict) -> Namespace:
+def checkpoint_model_args(state: dict) -> Namespace:
     model_cfg = state["cfg"]["model"] if state.get("cfg") is not None else state.get("args")
     if model_cfg is None:
         raise ExportError("the checkpoint has no model configuration (cfg.model / args)")
@@ -121,7 +121,7 @@ def export_checkpoint(checkpoint: str, encoder_route: Optional[str], decoder_rou
     if not Path(checkpoint).is_file():
         raise ExportError(f"--checkpoint {checkpoint}: no such file")
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
-    args = _model_args(state)
+    args = checkpoint_model_args(state)
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)
     if ARCH_MODEL_REGISTRY.get(arch) is not S2TSMoEModel:
         raise ExportError(

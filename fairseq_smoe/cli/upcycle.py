@@ -73,7 +73,7 @@ from ..modules.switch_layer import SwitchLinear
 from ..prep.common import atomic_path
 from ..routing import RoutingTable, is_lang_tag, lang_tag
 from ..tasks.dictionary_only import DictionaryOnlyTask
-from .export import ExportError, _model_args
+from .export import ExportError, checkpoint_model_args
 
 logger = logging.getLogger("fairseq_smoe.cli.upcycle")
 
@@ -125,7 +125,7 @@ def load_dense(path: str) -> Tuple[dict, Namespace, str]:
         raise UpcycleError(f"--dense {path}: no such file")
     state = checkpoint_utils.load_checkpoint_to_cpu(path)
     try:
-        args = _model_args(state)
+        args = checkpoint_model_args(state)
     except ExportError as e:
         raise UpcycleError(f"--dense {path}: {e}") from None
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)

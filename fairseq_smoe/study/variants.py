@@ -272,6 +272,7 @@ def reroute_decoder(ckpt_in: Path, ckpt_out: Path, config_yaml: Optional[Path] =
     import torch
     from fairseq import checkpoint_utils
     from fairseq.models import ARCH_MODEL_REGISTRY
+    from omegaconf import OmegaConf
 
     from ..cli.export import ExportError, checkpoint_model_args
     from ..models import s2t_smoe
@@ -316,6 +317,9 @@ def reroute_decoder(ckpt_in: Path, ckpt_out: Path, config_yaml: Optional[Path] =
         raise VariantError(f"{ckpt_in}: no decoder expert weights (decoder.layers.N.fc1/fc2) in the state dict")
     for k in keys:
         model[k] = model[k].index_select(0, source).clone()
+    if OmegaConf.is_config(state.get("cfg")):  # load_checkpoint_to_cpu made it a DictConfig: save it as the
+        # trainer does (a plain container), which the weights_only allow-list loads
+        state["cfg"] = OmegaConf.to_container(state["cfg"], resolve=True, enum_to_str=True)
     ckpt_out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_utils.torch_persistent_save(state, str(ckpt_out))
     return mapping

@@ -78,6 +78,12 @@ def is_lang_tag(symbol: str) -> bool:
     return symbol.startswith(head) and symbol.endswith(tail) and len(symbol) > len(head) + len(tail)
 
 
+def language_route(task_token: str, lang: str) -> str:
+    """The decoder route of one task and target language (``translate`` + ``de`` -> ``translate:de``): a config may
+    list these instead of the task's route, for one expert per language."""
+    return f"{task_token}:{lang}"
+
+
 def route_token(route: str) -> str:
     """The guiding-token name a decoder route is reached by: ``translate:de`` -> ``translate``."""
     return route.split(":", 1)[0]
@@ -191,7 +197,7 @@ class RoutingTable:
     def decoder_route_name(self, task_token: str, tgt_lang: Optional[str]) -> str:
         """``translate`` + ``de`` -> ``translate:de`` if that route exists, else ``translate``."""
         if tgt_lang:
-            specific = f"{task_token}:{tgt_lang}"
+            specific = language_route(task_token, tgt_lang)
             if specific in self._dec:
                 return specific
         if task_token in self._dec:

@@ -9,16 +9,14 @@ no switch layers (S-MoE, dense) it is exactly ``label_smoothed_cross_entropy``.
 
 from dataclasses import dataclass, field
 
-import torch
-
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
-from fairseq.logging import metrics
 
-from ..models.s2t_lmoe import AUX_KEY, MOE_CRITERION
+from ..models.s2t_lmoe import MOE_CRITERION
+from .aux_losses import add_switch_balancing_loss, check_moe_loss_coef, reduce_moe_metrics
 from .logging_output import label_smoothed_logging_output
 
 
@@ -35,21 +33,13 @@ class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  moe_loss_coef=0.01):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        if moe_loss_coef < 0:
-            raise ValueError(f"--moe-loss-coef must be >= 0, got {moe_loss_coef}")
-        self.moe_loss_coef = moe_loss_coef
+        self.moe_loss_coef = check_moe_loss_coef(moe_loss_coef)
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        moe_logs = {}
-        records = net_output[1].get(AUX_KEY) if isinstance(net_output[1], dict) else None
-        if records:
-            aux = torch.stack([r["aux_loss"] for r in records]).mean()
-            dropped = torch.stack([r["dropped"] for r in records]).mean()
-            loss = loss + self.moe_loss_coef * sample_size * aux.to(loss.dtype)
-            moe_logs = {"moe_aux": aux.data * sample_size, "moe_dropped": dropped.data * sample_size}
+        loss, moe_logs = add_switch_balancing_loss(loss, net_output, sample_size, self.moe_loss_coef)
         _, logging_output = label_smoothed_logging_output(self, model, net_output, sample, loss, nll_loss)
         logging_output.update(moe_logs)
         return loss, sample_size, logging_output
@@ -57,10 +47,4 @@ class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
-        logs = [log for log in logging_outputs if "moe_aux" in log]
-        if logs:
-            sample_size = sum(log.get("sample_size", 0) for log in logs)
-            for key in ("moe_aux", "moe_dropped"):
-                value = sum(log[key] for log in logs)
-                value = value.item() if torch.is_tensor(value) else value
-                metrics.log_scalar(key, value / max(sample_size, 1), sample_size, round=3)
+        reduce_moe_metrics(logging_outputs)

@@ -4,7 +4,11 @@ Same sizes and the same number of experts per FFN as S-MoE (by default as many a
 decoder routes), but a learned per-token router chooses the expert instead of the sample's bandwidth or task. It
 is the paper's open comparison (supervised vs learned routing) and the speed reference of ``benchmarks/``.
 Route ids in ``net_input`` are accepted and ignored, so it trains and decodes with ``--task speech_to_text_smoe``.
-Train it with ``--criterion label_smoothed_cross_entropy_moe`` so the load-balancing loss is optimised.
+Train it with ``--criterion label_smoothed_cross_entropy_moe`` so the load-balancing loss is optimised, or with
+``--criterion label_smoothed_cross_entropy_moe_asr_ctc --ctc-weight W`` for that plus the auxiliary CTC loss on ASR
+rows (the S-MoE systems' ``label_smoothed_cross_entropy_asr_ctc``): with ``--ctc-weight`` > 0 fairseq's encoder
+builds its CTC projection, the forward returns the encoder output for it (as s2t_smoe does), and
+``fairseq-generate --ctc-decode-weight`` decodes ASR rows with joint CTC/attention search.
 
 Host syncs: unlike S-MoE, whose routes the collater knows on the host, the router decides on the device in the
 middle of the forward, so every switch layer needs its per-expert split sizes on the host: one device-to-host read
@@ -34,6 +38,7 @@ from ..modules.switch_layer import (
     SwitchTransformerEncoderLayer,
 )
 from .s2t_smoe import (
+    ENCODER_OUT_KEY,
     SIZES,
     add_checkpoint_activation_args,
     base_architecture as smoe_base_architecture,
@@ -43,6 +48,8 @@ from .s2t_smoe import (
 logger = logging.getLogger(__name__)
 
 MOE_CRITERION = "label_smoothed_cross_entropy_moe"
+MOE_ASR_CTC_CRITERION = "label_smoothed_cross_entropy_moe_asr_ctc"  # the same + CTC on ASR rows (--ctc-weight)
+BALANCING_CRITERIA = (MOE_CRITERION, MOE_ASR_CTC_CRITERION)  # the criteria that optimise the balancing loss
 AUX_KEY = "moe_router_stats"  # net_output[1][AUX_KEY]: one dict per switch layer (aux_loss, dropped)
 
 
@@ -161,9 +168,10 @@ class S2TLMoEModel(S2TTransformerModel):
         if args.decoder_experts is None:
             args.decoder_experts = table.num_decoder_routes if args.decoder_lmoe else 1
         criterion = getattr(args, "criterion", None)
-        if criterion not in (None, MOE_CRITERION):
+        if criterion is not None and criterion not in BALANCING_CRITERIA:
             logger.warning(f"--criterion {criterion} does not optimise the switch load-balancing loss; "
-                           f"use --criterion {MOE_CRITERION}")
+                           f"use --criterion {MOE_CRITERION} (or {MOE_ASR_CTC_CRITERION} --ctc-weight W, "
+                           f"with the auxiliary CTC loss)")
         model = super().build_model(args, task)
         model.routing_table = table
         model.router_stats = AuxLossCollector()
@@ -183,11 +191,16 @@ class S2TLMoEModel(S2TTransformerModel):
         return S2TLMoEDecoder(args, task.target_dictionary, embed_tokens, args.decoder_experts)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, **route_ids):
-        """Full forward (training/validation): the decoder's extra output carries every switch layer's stats."""
+        """Full forward (training/validation): the decoder's extra output carries every switch layer's stats, and,
+        when the encoder has a CTC projection, the encoder output (for the auxiliary CTC loss). fairseq's scriptable
+        S2T decoder happens to put the encoder output under that key already; it is set here explicitly, as
+        s2t_smoe does, so that the CTC criteria rest on this model's contract, not on that detail."""
         with self.router_stats.collect() as records:
             encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths)
             x, extra = self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
         extra[AUX_KEY] = records
+        if self.encoder.ctc_proj is not None:
+            extra[ENCODER_OUT_KEY] = encoder_out
         return x, extra
 
 

@@ -39,6 +39,7 @@ from fairseq_smoe.study import ctc_greedy
 from test_dataset import ROWS, make_task, write_corpus
 from test_upcycle import DATA, TINY, load, whole_test_set
 from test_upcycle import make_task as make_generation_task
+from test_validation_logging import build as build_small, layout, rows_of, task  # noqa: F401  (task: a fixture)
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -138,6 +139,18 @@ def test_bad_settings_are_clear_errors(task_and_batch, caplog):
         build(task, criterion="label_smoothed_cross_entropy_asr_ctc")
     assert "does not optimise the switch load-balancing loss" in caplog.text
     assert CRITERION in caplog.text  # the warning names the criterion to use
+
+
+def test_validation_batches_of_either_task_log_the_same_keys(task):
+    """The contract of test_validation_logging (one flat all-reduce buffer across ranks): an ST batch logs
+    ``ctc_loss`` (zero, no rows) and the balancing keys like an ASR batch."""
+    model = build_small(task, "s2t_encdec_lmoe_xs")
+    criterion = LabelSmoothedCrossEntropyMoEAsrCtcCriterion(task, False, 0.1, ctc_weight=0.3)
+    _, _, asr_log = task.valid_step(rows_of(task, "asr"), model, criterion)
+    _, _, st_log = task.valid_step(rows_of(task, "st"), model, criterion)
+    assert layout(asr_log) == layout(st_log)
+    assert {"ctc_loss", "ctc_rows", "moe_aux", "moe_dropped"} <= set(asr_log)
+    assert asr_log["ctc_rows"] == 3 and st_log["ctc_rows"] == 0 and float(st_log["ctc_loss"]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- end to end

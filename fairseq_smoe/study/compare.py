@@ -61,6 +61,11 @@ PRESETS = {
     "full": dict(size="_s", max_update=40000, max_tokens=40000, lr=2e-3, warmup=4000, validate_every=2000,
                  beam=5, cpu=False, num_workers="auto", jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3,
                  precision="auto"),
+    # the seeded study (study/seeded.py, issue 15): per seed a dense Base trunk of --from-dense updates, upcycled into
+    # every system, each continued for max_update updates; the quick settings otherwise; 2 CPU cores, jobs side by side
+    "study": dict(size="_xs", max_update=1000, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
+                  cpu=True, num_workers=0, jobs=2, ctc_weight=0.5, ctc_decode_weight=0.3, precision="fp32",
+                  seeds=3, from_dense=2000, average_last=5, save_every=100, test_sets="test_digits_*,test_synth_*"),
     # CI: a few updates, to check the pipeline (CTC path included), not the models
     "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
                   cpu=True, num_workers=0, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3, precision="fp32"),
@@ -204,8 +209,20 @@ def run_logged(cmd, log_path: Path, threads: int = 0, on_progress=None, poll: Op
     return text
 
 
-def criterion_flags(ctc_weight: float) -> list:
-    """Label-smoothed cross-entropy, plus the auxiliary CTC loss on ASR rows when ``ctc_weight`` > 0."""
+def is_learned_gate(arch: str) -> bool:
+    """A learned-gate (switch) architecture of models/s2t_lmoe.py (its ARCH_TABLE names them)."""
+    from ..models.s2t_lmoe import ARCH_TABLE as LMOE_ARCHES
+
+    return arch in LMOE_ARCHES
+
+
+def criterion_flags(ctc_weight: float, arch: str = "") -> list:
+    """Label-smoothed cross-entropy, plus the auxiliary CTC loss on ASR rows when ``ctc_weight`` > 0; a learned-gate
+    ``arch`` also gets the switch load-balancing loss (the criteria of :mod:`fairseq_smoe.criterions`)."""
+    if is_learned_gate(arch):
+        if ctc_weight > 0:
+            return ["--criterion", "label_smoothed_cross_entropy_moe_asr_ctc", "--ctc-weight", str(ctc_weight)]
+        return ["--criterion", "label_smoothed_cross_entropy_moe"]
     if ctc_weight > 0:
         return ["--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", str(ctc_weight)]
     return ["--criterion", "label_smoothed_cross_entropy"]
@@ -231,15 +248,21 @@ def checkpoint_flags(args) -> list:
     return flags
 
 
+def config_yaml(args) -> str:
+    """The data config of a run (fairseq's --config-yaml; a study system may train on its own routes)."""
+    return getattr(args, "config_yaml", None) or "config.yaml"
+
+
 def train_cmd(args, arch: str, save_dir: Path) -> list:
     cmd = [
-        bin_path("fairseq-train"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
+        bin_path("fairseq-train"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", config_yaml(args),
         "--task", "speech_to_text_smoe", "--arch", arch + args.size,
         "--train-subset", args.train_subset, "--valid-subset", args.valid_subset,
-        *criterion_flags(args.ctc_weight), "--label-smoothing", "0.1",
+        *criterion_flags(args.ctc_weight, arch + args.size), "--label-smoothing", "0.1",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "10.0",
-        "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--seed", "1",
+        "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+        "--seed", str(getattr(args, "seed", 1)),
         "--save-dir", str(save_dir), "--num-workers", str(args.num_workers),
         "--validate-interval", "1000000", "--save-interval", "1000000", *checkpoint_flags(args),
         "--no-epoch-checkpoints", "--best-checkpoint-metric", "wer",
@@ -315,7 +338,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
     scoring = ["--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"] \
         if is_asr_task(task) else ["--scoring", "sacrebleu"]
     cmd = [
-        bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", "config.yaml",
+        bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", config_yaml(args),
         "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
         "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
         "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring, *PRECISION_FLAGS[args.precision],
@@ -371,10 +394,11 @@ def ctc_decode(args, ckpt: Path, subset: str, out_dir: Path) -> dict:
     return result
 
 
-def parameter_counts(arch: str, data: Path) -> dict:
+def parameter_counts(arch: str, data: Path, decoder_routes: Optional[list] = None) -> dict:
     vocab = sum(1 for line in open(data / "spm.txt", encoding="utf-8") if line.strip()) + 4
-    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.params", "--arch", arch, "--vocab-size", str(vocab)],
-                          capture_output=True, text=True, cwd=str(REPO))
+    routes = ["--decoder-routes", ",".join(decoder_routes)] if decoder_routes else []
+    proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.cli.params", "--arch", arch, "--vocab-size", str(vocab),
+                           *routes], capture_output=True, text=True, cwd=str(REPO))
     if proc.returncode != 0:
         return {}
     d = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -677,7 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--validate-every", type=int, help="updates between dev decodings (0: only at the end)")
-    p.add_argument("--average-last", type=int, default=0, metavar="K",
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="train every system with seeds 1..N and report mean, std, 95 %% CI and paired tests "
+                        "(fairseq_smoe.study.seeded; default 1: one run per system)")
+    p.add_argument("--from-dense", type=int, metavar="UPDATES",
+                   help="per seed: train one dense Base trunk for UPDATES updates, upcycle it into every system "
+                        "(fairseq_smoe.cli.upcycle) and continue each, Base included, for --max-update updates on the "
+                        "same data order (0: every system from scratch)")
+    p.add_argument("--average-last", type=int, metavar="K",
                    help="keep the last K checkpoints (one every --save-every updates) and decode their average "
                         "(0: decode checkpoint_best.pt)")
     p.add_argument("--save-every", type=int, metavar="N",
@@ -697,8 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train and decode on the CPU")
     p.add_argument("--jobs", type=int, help="systems trained and decoded at the same time; on the CPU each gets "
                                             "1/jobs of the cores")
-    p.add_argument("--systems", default=",".join(a for _, a in SYSTEMS), help="subset of the four, by arch")
-    p.add_argument("--test-sets", default="test_*", help="comma-separated patterns of the test manifests to decode")
+    p.add_argument("--systems", help="subset of the four, by arch (default all; with --seeds/--from-dense the study's "
+                                     "six: the four, s2t_dec_smoe+lang and s2t_encdec_lmoe)")
+    p.add_argument("--test-sets", help="comma-separated patterns of the test manifests to decode (default test_*)")
     p.add_argument("--train-extra", nargs=argparse.REMAINDER, default=[], help="more fairseq-train flags (last)")
     return p
 
@@ -709,9 +741,14 @@ def parse_args(argv=None):
         return args
     if args.data is None:
         raise SystemExit("--data is required (except with --tables-from)")
-    for k, v in PRESETS[args.preset].items():
+    defaults = dict(seeds=1, from_dense=0, average_last=0, test_sets="test_*", **PRESETS[args.preset])
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: must be at least 1")
+    if args.from_dense < 0:
+        raise SystemExit(f"--from-dense {args.from_dense}: must be 0 (from scratch) or a number of updates")
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -735,10 +772,17 @@ def parse_args(argv=None):
                          "use --precision bf16 or fp32 with --cpu")
     # CPU jobs side by side share the cores instead of each spinning threads on all of them
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.cpu and args.jobs > 1 else 0
-    known = {a for _, a in SYSTEMS}
-    unknown = set(args.systems.split(",")) - known
+    args.seeded = args.seeds > 1 or args.from_dense > 0
+    if args.seeded:
+        from .seeded import STUDY_SYSTEMS as choices
+    else:
+        choices = SYSTEMS
+    known = [a for _, a in choices]
+    args.systems = args.systems or ",".join(known)
+    unknown = set(args.systems.split(",")) - set(known)
     if unknown:
-        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {sorted(known)}")
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {known}"
+                         + ("" if args.seeded else " (with --seeds/--from-dense also the study's extra systems)"))
     return args
 
 
@@ -763,6 +807,11 @@ def main(argv=None):
     if not (args.data / "config.yaml").is_file():
         raise SystemExit(f"{args.data}: no config.yaml (prepare the data first, e.g. recipes/offline/prep.sh)")
     subsets = test_subsets(args)
+    if args.seeded:
+        from . import seeded
+
+        seeded.run(args, subsets)
+        return
     wanted = set(args.systems.split(","))
     results = {"data": str(args.data), "preset": args.preset, "size": args.size or "paper",
                "max_update": args.max_update, "max_tokens": args.max_tokens, "lr": args.lr,

@@ -63,9 +63,9 @@ PRESETS = {
                  precision="auto"),
     # the seeded study (study/seeded.py, issue 15): per seed a dense Base trunk of --from-dense updates, upcycled into
     # every system, each continued for max_update updates; the quick settings otherwise; 2 CPU cores, jobs side by side
-    "study": dict(size="_xs", max_update=1000, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
+    "study": dict(size="_xs", max_update=1200, max_tokens=2000, lr=3e-3, warmup=500, validate_every=0, beam=3,
                   cpu=True, num_workers=0, jobs=2, ctc_weight=0.5, ctc_decode_weight=0.3, precision="fp32",
-                  seeds=3, from_dense=2000, average_last=5, save_every=100, test_sets="test_digits_*,test_synth_*"),
+                  seeds=3, from_dense=2500, average_last=5, save_every=100, test_sets="test_digits_*,test_synth_*"),
     # CI: a few updates, to check the pipeline (CTC path included), not the models
     "smoke": dict(size="_xs", max_update=4, max_tokens=6000, lr=1e-3, warmup=2, validate_every=0, beam=1,
                   cpu=True, num_workers=0, jobs=1, ctc_weight=0.3, ctc_decode_weight=0.3, precision="fp32"),

@@ -347,6 +347,7 @@ def run(args, subsets: List[str]) -> None:
     sched = Scheduler(trunks, runs)
     entries: Dict = {}
     trunk_info: Dict = {}
+    total, finished = len(trunks) + len(runs), []
 
     def worker():
         while True:
@@ -354,10 +355,18 @@ def run(args, subsets: List[str]) -> None:
             if r is None:
                 return
             try:
+                began = time.time()
+                logger.info(f"{r.name}: started ({r.dir})")
                 if r.system is None:
                     trunk_info[r.seed] = compare.train(r.train_args(args), "s2t_smoe_base", r.dir)
                 else:
                     entries[(r.seed, r.system)] = run_system(args, r, index)
+                finished.append(time.time() - began)
+                left = total - len(finished)
+                # projection: the runs left at the mean time of the finished ones, --jobs at a time
+                eta = left * (sum(finished) / len(finished)) / args.jobs
+                logger.info(f"{r.name}: done in {compare.hours(finished[-1])}; {len(finished)}/{total} runs done, "
+                            f"{compare.hours(time.time() - start)} so far, about {compare.hours(eta)} left (projection)")
                 sched.finished(r)
             except BaseException as e:
                 sched.finished(r, e)

@@ -39,7 +39,7 @@ from fairseq_smoe.study import ctc_greedy
 from test_dataset import ROWS, make_task, write_corpus
 from test_upcycle import DATA, TINY, load, whole_test_set
 from test_upcycle import make_task as make_generation_task
-from test_validation_logging import build as build_small, layout, rows_of, task  # noqa: F401  (task: a fixture)
+from test_validation_logging import build as build_small, layout, rows_of
 
 PLUGIN = Path(__file__).resolve().parents[1] / "fairseq_smoe"
 BIN = Path(sys.executable).parent
@@ -141,9 +141,18 @@ def test_bad_settings_are_clear_errors(task_and_batch, caplog):
     assert CRITERION in caplog.text  # the warning names the criterion to use
 
 
-def test_validation_batches_of_either_task_log_the_same_keys(task):
+@pytest.fixture(scope="module")
+def validating_task(tmp_path_factory):
+    """test_validation_logging's task: the 5-row corpus with validation decoding (WER/BLEU) on."""
+    t = make_task(write_corpus(tmp_path_factory.mktemp("lmoe_ctc_valid"), ROWS), "--eval-max-len-b", "5")
+    t.load_dataset("train")
+    return t
+
+
+def test_validation_batches_of_either_task_log_the_same_keys(validating_task):
     """The contract of test_validation_logging (one flat all-reduce buffer across ranks): an ST batch logs
     ``ctc_loss`` (zero, no rows) and the balancing keys like an ASR batch."""
+    task = validating_task
     model = build_small(task, "s2t_encdec_lmoe_xs")
     criterion = LabelSmoothedCrossEntropyMoEAsrCtcCriterion(task, False, 0.1, ctc_weight=0.3)
     _, _, asr_log = task.valid_step(rows_of(task, "asr"), model, criterion)

@@ -741,7 +741,7 @@ def parse_args(argv=None):
         return args
     if args.data is None:
         raise SystemExit("--data is required (except with --tables-from)")
-    defaults = dict(seeds=1, from_dense=0, average_last=0, test_sets="test_*", **PRESETS[args.preset])
+    defaults = {**dict(seeds=1, from_dense=0, average_last=0, test_sets="test_*"), **PRESETS[args.preset]}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

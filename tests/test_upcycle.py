@@ -525,3 +525,19 @@ def test_routes_from_data_config(dense_ckpt, work, dense_model):
             diff = (logits(model, sample["net_input"], enc=0, dec=dec)
                     - logits(dense_model, sample["net_input"], enc=0, dec=0)).abs()[real].max().item()
             assert diff <= 1e-5, (arch, dec, diff)
+
+
+def test_the_printed_continue_command_keeps_a_ctc_trained_trunk_s_ctc_head():
+    """fairseq-train loads --finetune-from-model strictly: a trunk trained with CTC passes its CTC head on, so the
+    continued run needs --ctc-weight (and, for a learned gate, the criterion with both CTC and the balancing loss)."""
+    from argparse import Namespace
+
+    from fairseq_smoe.models import s2t_lmoe
+
+    assert up.criterion_flags(Namespace(ctc_weight=0.5), "s2t_encdec_lmoe_xs") == [
+        "--criterion", s2t_lmoe.MOE_ASR_CTC_CRITERION, "--ctc-weight", "0.5"]
+    assert up.criterion_flags(Namespace(ctc_weight=0.5), "s2t_dec_smoe_xs") == [
+        "--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", "0.5"]
+    assert up.criterion_flags(Namespace(ctc_weight=0.0), "s2t_encdec_lmoe_xs") == [
+        "--criterion", s2t_lmoe.MOE_CRITERION]
+    assert up.criterion_flags(Namespace(), "s2t_dec_smoe_xs") == []

@@ -192,9 +192,27 @@ def target_args(src_args: Namespace, arch: str, table: RoutingTable, data: Optio
     if data is not None:
         args.data, args.config_yaml = str(data), config_yaml
     ARCH_CONFIG_REGISTRY[arch](args)
-    if arch in s2t_lmoe.ARCHITECTURES:
-        args.criterion = s2t_lmoe.MOE_CRITERION  # the criterion that optimises the gate's balancing loss
+    if arch in s2t_lmoe.ARCHITECTURES:  # the criterion that optimises the gate's balancing loss (+ CTC if trained)
+        args.criterion = s2t_lmoe.MOE_ASR_CTC_CRITERION if _ctc_weight(args) > 0 else s2t_lmoe.MOE_CRITERION
     return args
+
+
+def _ctc_weight(args: Namespace) -> float:
+    return float(getattr(args, "ctc_weight", 0.0) or 0.0)
+
+
+def criterion_flags(args: Namespace, arch: str) -> List[str]:
+    """The criterion flags the continued run needs. fairseq-train builds the model from its own flags and loads
+    ``--finetune-from-model`` strictly: a dense model trained with CTC passes its CTC head (``encoder.ctc_proj``)
+    on, and a run without ``--ctc-weight`` then fails on those keys."""
+    ctc = _ctc_weight(args)
+    if arch in s2t_lmoe.ARCHITECTURES:
+        name = s2t_lmoe.MOE_ASR_CTC_CRITERION if ctc > 0 else s2t_lmoe.MOE_CRITERION
+    elif ctc > 0:
+        name = "label_smoothed_cross_entropy_asr_ctc"
+    else:
+        return []
+    return ["--criterion", name] + (["--ctc-weight", str(ctc)] if ctc > 0 else [])
 
 
 # --------------------------------------------------------------------------------------------- dictionaries
@@ -457,7 +475,8 @@ def upcycle(dense: str, arch: str, out: str, data: Optional[str] = None, config_
         torch.save(checkpoint, tmp)
     flags = _train_flags(args, arch)
     info.update(out=str(out_path), parameters=n_params, train_flags=flags, size_overrides=size_overrides,
-                new_dictionary=str(new_dict_path) if new_dict_path else None)
+                new_dictionary=str(new_dict_path) if new_dict_path else None,
+                criterion_flags=criterion_flags(args, arch))
     return info
 
 
@@ -496,7 +515,7 @@ def main(argv=None) -> int:
     if info["new_dictionary"]:
         print(f"wrote {info['new_dictionary']}: the dense dictionary + {info['appended_tokens']}; make it the "
               f"vocab_filename of the data's config.yaml")
-    criterion = f" --criterion {s2t_lmoe.MOE_CRITERION}" if info["gates"] else ""
+    criterion = "".join(f" {flag}" for flag in info["criterion_flags"])
     print("continue training with: fairseq-train DATA --user-dir fairseq_smoe --task speech_to_text_smoe "
           f"--config-yaml {a.config_yaml} --arch {info['arch']} " + " ".join(info["train_flags"]) + criterion
           + f" --finetune-from-model {info['out']} ...")

@@ -220,9 +220,11 @@ def criterion_flags(ctc_weight: float, arch: str = "") -> list:
     """Label-smoothed cross-entropy, plus the auxiliary CTC loss on ASR rows when ``ctc_weight`` > 0; a learned-gate
     ``arch`` also gets the switch load-balancing loss (the criteria of :mod:`fairseq_smoe.criterions`)."""
     if is_learned_gate(arch):
+        from ..models.s2t_lmoe import MOE_ASR_CTC_CRITERION, MOE_CRITERION
+
         if ctc_weight > 0:
-            return ["--criterion", "label_smoothed_cross_entropy_moe_asr_ctc", "--ctc-weight", str(ctc_weight)]
-        return ["--criterion", "label_smoothed_cross_entropy_moe"]
+            return ["--criterion", MOE_ASR_CTC_CRITERION, "--ctc-weight", str(ctc_weight)]
+        return ["--criterion", MOE_CRITERION]
     if ctc_weight > 0:
         return ["--criterion", "label_smoothed_cross_entropy_asr_ctc", "--ctc-weight", str(ctc_weight)]
     return ["--criterion", "label_smoothed_cross_entropy"]

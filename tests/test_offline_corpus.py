@@ -349,6 +349,30 @@ def test_digit_strings_real_ones_spliced_from_held_out_recordings(corpus, fixtur
     assert {r["speaker"] for r in read_tsv(out / "test_digits_synth_asr_wb.tsv")} == {"rms"}
 
 
+def test_study_mode_grows_only_the_digit_test_sets(fixture, tmp_path):
+    """--test-digit-strings (the study mode's 300) sizes the synthetic and spliced digit test sets alone; left unset,
+    the plan and the recorded settings are those of before (a quick corpus built earlier is not refused)."""
+    def plan(*extra):
+        args = offline.parse_args(prep_args(fixture, tmp_path / "d", *extra))
+        return offline.plan_corpus(args), offline.settings_of(args)
+
+    def count(clips, **kw):
+        return sum(all(getattr(c, k) == v for k, v in kw.items()) for c in clips)
+
+    quick, quick_settings = plan()
+    same, _ = plan("--test-digit-strings", "4")  # = --test-sentences: the same draws
+    grown, grown_settings = plan("--test-digit-strings", "9")
+    assert [c.id for c in same] == [c.id for c in quick] and "test_digit_strings" not in quick_settings
+    assert grown_settings["test_digit_strings"] == 9
+    for clips, n in ((quick, 4), (grown, 9)):
+        assert count(clips, split="test", group="digits", source="synth") == n
+        assert count(clips, split="test", group="digits", source="real") == n
+    sentences = dict(split="test", group="", source="synth")
+    assert count(grown, **sentences) == count(quick, **sentences)
+    assert count(grown, split="train", group="digits") == count(quick, split="train", group="digits")
+    assert offline.PRESETS["study"] == dict(offline.PRESETS["quick"], test_digit_strings=300)
+
+
 def test_some_train_digit_strings_are_read_one_digit_at_a_time(corpus):
     out, _ = corpus
     clips = json.loads((out / "plan.json").read_text())["clips"]

@@ -51,3 +51,19 @@ def load_train_task(data_dir):
 def train_task(corpus_dir):
     """The task over the session's flite corpus, ``train`` loaded (in-process batches from the real collater)."""
     return load_train_task(corpus_dir)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, flite_cache):
+    """The hub tests' tiny trained model folder and its corpus (tests/hub_model.py), trained once per session."""
+    from hub_model import trained_model
+
+    return trained_model(tmp_path_factory, flite_cache)
+
+
+@pytest.fixture(scope="session")
+def hub(trained):
+    """``fairseq_smoe.hub.from_pretrained`` on the shared tiny model (en -> es)."""
+    from fairseq_smoe.hub import from_pretrained
+
+    return from_pretrained(trained["model"], lang="en", tgt_lang="es")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from test_hub import manifest_rows, trained_model
+from hub_model import manifest_rows, trained_model
 from test_long_audio import SR, build_recording
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_hub import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows
-from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
+from hub_model import BEAM, BIN, MAX_LEN_B, PLUGIN, manifest_rows
 
 def interactive(trained, stdin: str, tmp_path: Path, *extra):
     cmd = [str(BIN / "fairseq-interactive"), str(trained["corpus"]), "--user-dir", str(PLUGIN), "--task", "speech_to_text_smoe",

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_hub import BEAM, MAX_LEN_B
-from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
+from hub_model import BEAM, MAX_LEN_B
 
 from fairseq_smoe.hub import segment as seg
 

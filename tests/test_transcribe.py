@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_hub import BEAM, MAX_LEN_B, manifest_rows
-from test_hub import hub, trained  # noqa: F401  (the shared model fixtures: one training per session)
+from hub_model import BEAM, MAX_LEN_B, manifest_rows
 
 from fairseq_smoe.cli import transcribe as cli
 

@@ -166,3 +166,27 @@ def test_bad_study_flags_are_refused(corpus_dir, tmp_path):
                            (("--seeds", 2, "--systems", "s2t_nope"), "--systems: unknown ['s2t_nope']")):
         proc = compare("--data", corpus_dir, "--out", tmp_path / "x", "--preset", "smoke", *flags, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_committed_study_tables_regenerate_from_their_results_json(tmp_path):
+    """examples/demo/results/study_*.md is what report.py writes from the committed results.json (nothing hand-edited
+    in the numbers the README quotes)."""
+    committed = sorted((REPO / "examples" / "demo" / "results").glob("study_*.json"))
+    assert committed, "the study's results are committed under examples/demo/results/"
+    for path in committed:
+        out = tmp_path / path.stem
+        proc = subprocess.run([sys.executable, "-m", "fairseq_smoe.study.report", path, "--out", out], cwd=REPO,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (out / "results.md").read_text() == path.with_suffix(".md").read_text(), path
+        results = json.loads(path.read_text())
+        assert results["seeds"] == [1, 2, 3] and results["from_dense"] > 0
+        from fairseq_smoe.study import stats
+
+        for claim in results["statistics"]["claims"]:  # each verdict follows from its own numbers by stats.verdict
+            lower = claim["metric"] == "WER"
+            if claim["claim"].startswith("Q3"):  # "the wrong label hurts": a higher WER, a lower BLEU
+                lower = not lower
+            assert claim["verdict"] == stats.verdict(claim["delta"], claim["ci95"], claim["mde"],
+                                                     stats.LOWER if lower else stats.HIGHER,
+                                                     claim["claimed_delta"]), claim["claim"]

@@ -452,3 +452,16 @@ def test_paired_test_from_logs_wer_and_bleu(tmp_path):
         stats.paired_test_from_logs(base, other, "wer")
     with pytest.raises(FileNotFoundError, match="missing.log"):
         stats.paired_test_from_logs(base, tmp_path / "missing.log", "wer")
+
+
+def test_segment_statistics_are_each_segments_own_bleu_statistics():
+    """The one-call extraction (sacreBLEU's own) equals evaluation.bleu_stats of every segment alone."""
+    import numpy as np
+
+    from fairseq_smoe.scoring import evaluation
+
+    hyps = ["uno dos tres cuatro cinco", "hola", "", "a b c d e f g", "the cat, the mat."]
+    refs = ["uno dos tres cuatro seis", "hola mundo", "x y", "a b c d e f g h", "the cat on the mat."]
+    fast = stats._segment_bleu_stats(hyps, refs)
+    slow = np.array([[evaluation.bleu_stats([h], [r])[k] for k in evaluation.BLEU_KEYS] for h, r in zip(hyps, refs)])
+    assert fast.shape == (5, len(evaluation.BLEU_KEYS)) and np.array_equal(fast, slow)

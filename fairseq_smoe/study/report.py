@@ -62,13 +62,19 @@ def log_path(out: Path, system_id: str, seed, variant: str, subset: str) -> Path
     return out / f"seed{seed}" / system_id.replace("+", "_") / f"decode_{variant}" / f"{subset}.log"
 
 
-def _utterances(out: Path, system_id: str, seeds, variant: str, sets: List[str], metric: str) -> list:
-    """Per seed, the pooled utterances of ``sets`` (ids offset so they stay unique and paired across systems)."""
+def _utterances(out: Path, system_id: str, seeds, variant: str, sets: List[str], metric: str,
+                cache: Optional[Dict] = None) -> list:
+    """Per seed, the pooled utterances of ``sets`` (ids offset so they stay unique and paired across systems);
+    ``cache`` keeps each log's parse for the next contrast that reads it."""
+    cache = {} if cache is None else cache
     per_seed = []
     for seed in seeds:
         pooled, offset = [], 0
         for subset in sets:
-            utts = stats.utterance_scores(log_path(out, system_id, seed, variant, subset), metric)
+            key = (system_id, seed, variant, subset, metric)
+            if key not in cache:
+                cache[key] = stats.utterance_scores(log_path(out, system_id, seed, variant, subset), metric)
+            utts = cache[key]
             pooled += [u._replace(id=u.id + offset) for u in utts]
             offset += len(utts)
         per_seed.append(pooled)
@@ -83,9 +89,10 @@ def _score(utts: list, metric: str) -> float:
     return 100.0 * sum(u.errors for u in utts) / max(1, sum(u.words for u in utts))
 
 
-def _paired(out, a_id, b_id, seeds, sets, metric, name_a, name_b, label, variant_a="labels", variant_b="labels"):
-    ua = _utterances(out, a_id, seeds, variant_a, sets, metric)
-    ub = _utterances(out, b_id, seeds, variant_b, sets, metric)
+def _paired(out, a_id, b_id, seeds, sets, metric, name_a, name_b, label, variant_a="labels", variant_b="labels",
+            cache=None):
+    ua = _utterances(out, a_id, seeds, variant_a, sets, metric, cache)
+    ub = _utterances(out, b_id, seeds, variant_b, sets, metric, cache)
     if metric == "bleu":
         res = stats.paired_bleu([[u.hyp for u in s] for s in ua], [[u.hyp for u in s] for s in ub],
                                 [u.ref for u in ua[0]], "bs", n_resamples=N_RESAMPLES, name_a=name_a, name_b=name_b,
@@ -109,6 +116,7 @@ def statistics(results: Dict, out: Path) -> Dict:
     pooled = groups(subsets)
     units = {s: [s] for s in subsets}
     units.update(pooled)
+    cache: Dict = {}
 
     def metric_of(sets):
         return "wer" if is_asr_task(compare.parse_test(sets[0])[1]) else "bleu"
@@ -118,7 +126,7 @@ def statistics(results: Dict, out: Path) -> Dict:
         summary[name] = {}
         for unit, sets in units.items():
             m = metric_of(sets)
-            per_seed = [_score(u, m) for u in _utterances(out, sid, seeds, "labels", sets, m)]
+            per_seed = [_score(u, m) for u in _utterances(out, sid, seeds, "labels", sets, m, cache)]
             summary[name][unit] = dict(stats.seed_summary(per_seed, f"{name} {unit}"), per_seed=per_seed,
                                        metric=m.upper())
     contrasts = []
@@ -129,7 +137,7 @@ def statistics(results: Dict, out: Path) -> Dict:
             if not all(_keep(s, where) for s in sets):
                 continue
             m = metric_of(sets)
-            res = _paired(out, ids[a], ids[b], seeds, sets, m, a, b, unit)
+            res = _paired(out, ids[a], ids[b], seeds, sets, m, a, b, unit, cache=cache)
             res["verdict"] = stats.verdict_of(res, _direction(m))
             contrasts.append(res)
     robustness = []
@@ -139,7 +147,7 @@ def statistics(results: Dict, out: Path) -> Dict:
             for unit, sets in units.items():
                 m = metric_of(sets)
                 res = _paired(out, sid, sid, seeds, sets, m, f"{name} (labels)", f"{name} ({variant})", unit,
-                              "labels", variant)
+                              "labels", variant, cache)
                 res.update(system=name, variant=variant)
                 # the question is whether the wrong label hurts: "confirmed" = it does, significantly
                 res["verdict"] = stats.verdict_of(res, stats.HIGHER if m == "wer" else stats.LOWER)
@@ -218,8 +226,7 @@ def markdown(results: Dict) -> str:
              f"{results['size']} models, max {results['max_tokens']} frames per batch, auxiliary CTC weight "
              f"{results['ctc_weight']} on ASR rows; decoded with fairseq-generate (beam {results['beam']}, joint "
              f"CTC/attention weight {results['ctc_decode_weight']} on ASR rows) with the average of the last "
-             f"{results['average_last']} checkpoints. Command: `{results['command']}`. Measured: "
-             f"{compare.hours(results['seconds_this_run'])} on {results['jobs']} jobs side by side ({results['device']}).",
+             f"{results['average_last']} checkpoints. Command: `{results['command']}`. {_measured(results)}",
              "", "Scores: mean ± half-width of the 95 % CI over seeds (Student t). Contrasts: difference b - a (WER "
              "points, lower is better; BLEU points, higher is better), 95 % CI and p from a paired bootstrap over "
              "seeds and utterances (BLEU: sacreBLEU's paired bootstrap p), MDE = smallest difference detectable at "
@@ -295,8 +302,19 @@ def _time_line(results: Dict) -> str:
     trunks = sum(t["train_seconds"] for t in results["trunks"].values())
     train = sum(s["train_seconds"] for r in results["systems"].values() for s in r["seeds"].values())
     dec = sum(s["decode_seconds"] for r in results["systems"].values() for s in r["seeds"].values())
-    return (f"Time: trunks {compare.hours(trunks)}, continued systems {compare.hours(train)}, decoding "
-            f"{compare.hours(dec)} (summed over jobs); wall {compare.hours(results['seconds_this_run'])}.")
+    return (f"Time: training of the trunks {compare.hours(trunks)}, of the continued systems {compare.hours(train)}, "
+            f"decoding {compare.hours(dec)} (summed over the jobs). {_measured(results)}")
+
+
+def _measured(results: Dict) -> str:
+    """The study's measured wall time (every invocation that trained or decoded) and its statistics step's."""
+    t = results.get("timing") or {}
+    if "runs_wall_seconds" not in t:
+        return f"Measured: {compare.hours(results['seconds_this_run'])} wall in this invocation ({results['device']})."
+    note = f" ({t['note']})" if t.get("note") else ""
+    return (f"Measured: {compare.hours(t['runs_wall_seconds'])} wall for training and decoding, {results['jobs']} "
+            f"jobs side by side on {results['device']}{note}, after the corpus was built; the statistics "
+            f"{compare.hours(t['statistics_seconds'])}.")
 
 
 def chart(results: Dict, path: Path) -> None:

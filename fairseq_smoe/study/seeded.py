@@ -263,6 +263,14 @@ class Run:
         self.dir = args.out / f"seed{seed}" / (system_dir(system) if system else DENSE)
         self.config = LANG_CONFIG if system and system.endswith(LANG_SUFFIX) else "config.yaml"
         self.name = f"seed {seed} {system or 'dense trunk'}"
+        self.size = args.size
+
+    def complete(self) -> bool:
+        """Trained and (a system) decoded every way: a rerun skips it whole."""
+        if not (self.dir / "DONE").exists():
+            return False
+        return self.system is None or all((self.dir / f"decode_{v}" / "results.json").exists()
+                                          for v in variants_of(self.system, self.size))
 
     def train_args(self, args):
         a = copy.copy(args)
@@ -344,6 +352,7 @@ def run(args, subsets: List[str]) -> None:
     seeds = list(range(1, args.seeds + 1))
     trunks = [Run(args, s, None) for s in seeds] if args.from_dense else []
     runs = [Run(args, s, sid) for s in seeds for _, sid in chosen]
+    missing = [r for r in trunks + runs if not r.complete()]
     sched = Scheduler(trunks, runs)
     entries: Dict = {}
     trunk_info: Dict = {}
@@ -378,8 +387,18 @@ def run(args, subsets: List[str]) -> None:
             f.result()
     if sched.failed:
         raise sched.failed
+    # the study's cost: the wall time of every invocation that trained or decoded something (a rerun that only
+    # rebuilds the statistics adds nothing), kept across reruns in runs_time.json
+    timing_file = args.out / "runs_time.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"invocations": []}
+    if missing:
+        timing["invocations"].append({"seconds": round(time.time() - start, 1), "runs": len(missing),
+                                      "jobs": args.jobs, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                   time.gmtime())})
+        compare.write_atomic(timing_file, json.dumps(timing, indent=1) + "\n")
     if "table" not in args.steps:
         return
+    stats_start = time.time()
     results = {
         "kind": "seeded study", "data": str(args.data), "preset": args.preset, "size": args.size,
         "seeds": seeds, "from_dense": args.from_dense, "max_update": args.max_update, "max_tokens": args.max_tokens,
@@ -400,5 +419,7 @@ def run(args, subsets: List[str]) -> None:
         "seconds_this_run": round(time.time() - start, 1),
     }
     results["statistics"] = report.statistics(results, args.out)
+    results["timing"] = dict(timing, runs_wall_seconds=round(sum(i["seconds"] for i in timing["invocations"]), 1),
+                             statistics_seconds=round(time.time() - stats_start, 1))
     compare.write_atomic(args.out / "results.json", json.dumps(results, indent=1) + "\n")
     print(report.write(results, args.out))

@@ -382,10 +382,21 @@ def _hyp_seeds(hyps, n_refs: int, where: str) -> List[List[str]]:
 
 
 def _segment_bleu_stats(hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-    """sacreBLEU's sufficient statistics of each segment (:func:`fairseq_smoe.scoring.evaluation.bleu_stats` of one
-    pair), additive over segments: (n, len(evaluation.BLEU_KEYS))."""
-    return np.array([[evaluation.bleu_stats([h], [r])[k] for k in evaluation.BLEU_KEYS]
-                     for h, r in zip(hyps, refs)], dtype=float)
+    """sacreBLEU's sufficient statistics of each segment (what :func:`fairseq_smoe.scoring.evaluation.bleu_stats`
+    gives for one pair), additive over segments: (n, len(evaluation.BLEU_KEYS)), in BLEU_KEYS' order.
+
+    Extracted by sacreBLEU's own ``BLEU()._extract_corpus_statistics`` (what its PairedTest uses; rows
+    ``[sys_len, ref_len, correct_1..4, total_1..4]``) in one call: a corpus_bleu per segment took 50 times longer
+    (2.2 s for 3,000 segments), which made the study's statistics cost minutes. paired_bleu checks the summed
+    statistics against sacreBLEU's corpus BLEU, so a change of that layout cannot pass silently."""
+    from sacrebleu.metrics import BLEU
+
+    rows = np.asarray(BLEU()._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=float)
+    order = evaluation.BLEU_ORDER
+    column = {"_bleu_sys_len": 0, "_bleu_ref_len": 1}
+    column.update({f"_bleu_counts_{i}": 2 + i for i in range(order)})
+    column.update({f"_bleu_totals_{i}": 2 + order + i for i in range(order)})
+    return rows[:, [column[k] for k in evaluation.BLEU_KEYS]].reshape(len(rows), len(evaluation.BLEU_KEYS))
 
 
 def _bleu_of_sums(sums: np.ndarray) -> np.ndarray:

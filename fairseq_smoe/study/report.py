@@ -312,9 +312,10 @@ def _measured(results: Dict) -> str:
     if "runs_wall_seconds" not in t:
         return f"Measured: {compare.hours(results['seconds_this_run'])} wall in this invocation ({results['device']})."
     note = f" ({t['note']})" if t.get("note") else ""
-    return (f"Measured: {compare.hours(t['runs_wall_seconds'])} wall for training and decoding, {results['jobs']} "
+    total = t["runs_wall_seconds"] + t["statistics_seconds"]
+    return (f"Measured: {t['runs_wall_seconds'] / 60:.1f} min wall for training and decoding, {results['jobs']} "
             f"jobs side by side on {results['device']}{note}, after the corpus was built; the statistics "
-            f"{compare.hours(t['statistics_seconds'])}.")
+            f"{t['statistics_seconds'] / 60:.1f} min; {total / 60:.1f} min in all.")
 
 
 def chart(results: Dict, path: Path) -> None:

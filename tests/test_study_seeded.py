@@ -160,6 +160,15 @@ def test_tables_rebuild_from_results_json_and_a_rerun_does_nothing(study, tmp_pa
     assert json.loads((out / "results.json").read_text())["statistics"] == before
 
 
+def test_statistics_do_not_depend_on_the_number_of_processes(study):
+    """The run computed its paired tests in 2 processes (--jobs 2); one process gives the same numbers."""
+    from fairseq_smoe.study import report
+
+    results = json.loads((study["out"] / "results.json").read_text())
+    again = report.statistics(results, study["out"], jobs=1)
+    assert json.loads(json.dumps(again)) == results["statistics"]
+
+
 def test_bad_study_flags_are_refused(corpus_dir, tmp_path):
     for flags, message in ((("--seeds", 0), "--seeds 0: must be at least 1"),
                            (("--from-dense", -5), "--from-dense -5"),

@@ -108,8 +108,27 @@ def _direction(metric: str) -> str:
     return stats.LOWER if metric in ("wer", "cer") else stats.HIGHER
 
 
-def statistics(results: Dict, out: Path) -> Dict:
-    """Every number of the report, from the split decode logs under ``out``."""
+_LOGS: Dict = {}  # a statistics worker's parsed logs, kept for its next paired test
+
+
+def _paired_task(call: tuple) -> Dict:
+    return _paired(*call, cache=_LOGS)
+
+
+def _run_paired(calls: List[tuple], jobs: int) -> List[Dict]:
+    """Every paired test, in order; ``jobs`` > 1: that many worker processes (each test is independent and
+    seeded, so the numbers do not depend on ``jobs``)."""
+    if jobs <= 1:
+        return [_paired_task(c) for c in calls]
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_paired_task, calls, chunksize=4))
+
+
+def statistics(results: Dict, out: Path, jobs: int = 1) -> Dict:
+    """Every number of the report, from the split decode logs under ``out`` (``jobs``: processes for the paired
+    tests, as many as trained side by side)."""
     seeds = results["seeds"]
     subsets = results["test_sets"]
     ids = {name: s["id"] for name, s in results["systems"].items()}
@@ -129,29 +148,30 @@ def statistics(results: Dict, out: Path) -> Dict:
             per_seed = [_score(u, m) for u in _utterances(out, sid, seeds, "labels", sets, m, cache)]
             summary[name][unit] = dict(stats.seed_summary(per_seed, f"{name} {unit}"), per_seed=per_seed,
                                        metric=m.upper())
-    contrasts = []
+    tasks = []  # (kind, extra, _paired's arguments): every paired test, run --jobs at a time
     for a, b, where in CONTRASTS:
         if a not in ids or b not in ids:
             continue
         for unit, sets in units.items():
-            if not all(_keep(s, where) for s in sets):
-                continue
-            m = metric_of(sets)
-            res = _paired(out, ids[a], ids[b], seeds, sets, m, a, b, unit, cache=cache)
-            res["verdict"] = stats.verdict_of(res, _direction(m))
-            contrasts.append(res)
-    robustness = []
+            if all(_keep(s, where) for s in sets):
+                tasks.append(("contrast", {}, (out, ids[a], ids[b], seeds, sets, metric_of(sets), a, b, unit)))
     for name, sid in ids.items():
         variants = sorted({v for s in results["systems"][name]["seeds"].values() for v in s["variants"]} - {"labels"})
         for variant in variants:
             for unit, sets in units.items():
-                m = metric_of(sets)
-                res = _paired(out, sid, sid, seeds, sets, m, f"{name} (labels)", f"{name} ({variant})", unit,
-                              "labels", variant, cache)
-                res.update(system=name, variant=variant)
-                # the question is whether the wrong label hurts: "confirmed" = it does, significantly
-                res["verdict"] = stats.verdict_of(res, stats.HIGHER if m == "wer" else stats.LOWER)
-                robustness.append(res)
+                tasks.append(("robustness", {"system": name, "variant": variant},
+                              (out, sid, sid, seeds, sets, metric_of(sets), f"{name} (labels)",
+                               f"{name} ({variant})", unit, "labels", variant)))
+    contrasts, robustness = [], []
+    for (kind, extra, call), res in zip(tasks, _run_paired([t[2] for t in tasks], jobs)):
+        m = call[5]
+        res.update(extra)
+        if kind == "contrast":
+            res["verdict"] = stats.verdict_of(res, _direction(m))
+            contrasts.append(res)
+        else:  # the question is whether the wrong label hurts: "confirmed" = it does, significantly
+            res["verdict"] = stats.verdict_of(res, stats.HIGHER if m == "wer" else stats.LOWER)
+            robustness.append(res)
     return {"summary": summary, "groups": pooled, "contrasts": contrasts, "robustness": robustness,
             "claims": claims(summary, contrasts, robustness), "n_resamples": N_RESAMPLES}
 

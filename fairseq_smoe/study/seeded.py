@@ -418,7 +418,7 @@ def run(args, subsets: List[str]) -> None:
         "constant_hypothesis": compare.constant_hypotheses(args.data, subsets, args.train_subset),
         "seconds_this_run": round(time.time() - start, 1),
     }
-    results["statistics"] = report.statistics(results, args.out)
+    results["statistics"] = report.statistics(results, args.out, jobs=args.jobs)
     results["timing"] = dict(timing, runs_wall_seconds=round(sum(i["seconds"] for i in timing["invocations"]), 1),
                              statistics_seconds=round(time.time() - stats_start, 1))
     compare.write_atomic(args.out / "results.json", json.dumps(results, indent=1) + "\n")

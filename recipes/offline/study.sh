@@ -4,7 +4,7 @@
 # continued alike; every test set decoded with the labels and with wrong routes; paired statistics and verdicts.
 #   recipes/offline/study.sh [--data DIR] [--exp DIR] [-- COMPARE_ARGS...]
 # 1 builds the corpus (recipes/offline/prep.sh --mode study: the quick corpus with 300-string digit test sets),
-# 2 runs python -m fairseq_smoe.study.compare --preset study (about 65 minutes on 2 CPU cores after the corpus;
+# 2 runs python -m fairseq_smoe.study.compare --preset study (89 minutes measured on 2 CPU cores after the corpus;
 # docs/results.md gives the measured time). Run recipes/offline/setup.sh once first. Reruns skip finished work.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -323,6 +323,23 @@ def train(args, arch: str, save_dir: Path, progress: Optional[Progress] = None) 
     return info
 
 
+def generate_cmd(args, data: Path, config: str, subset: str, ckpt: Path, scoring: list,
+                 ctc_decode_weight: float = 0.0) -> list:
+    """The fairseq-generate command of one decoding (the demo's and the seeded study's): the run's beam, batch,
+    length limits, workers, precision and device; joint CTC/attention with ``ctc_decode_weight``."""
+    cmd = [
+        bin_path("fairseq-generate"), str(data), "--user-dir", str(PLUGIN), "--config-yaml", config,
+        "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
+        "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
+        "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring, *PRECISION_FLAGS[args.precision],
+    ]
+    if ctc_decode_weight:
+        cmd += ["--ctc-decode-weight", str(ctc_decode_weight)]
+    if args.cpu:
+        cmd.append("--cpu")
+    return cmd
+
+
 def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_weight: float = 0.0) -> dict:
     """fairseq-generate on one test set; with ``ctc_decode_weight`` joint CTC/attention beam search (files
     ``<subset>.joint.*``)."""
@@ -339,16 +356,7 @@ def decode(args, ckpt: Path, subset: str, task: str, out_dir: Path, ctc_decode_w
         raise SystemExit(f"{result_file}: not decoded yet: run the decode step first (--steps decode)")
     scoring = ["--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"] \
         if is_asr_task(task) else ["--scoring", "sacrebleu"]
-    cmd = [
-        bin_path("fairseq-generate"), str(args.data), "--user-dir", str(PLUGIN), "--config-yaml", config_yaml(args),
-        "--task", "speech_to_text_smoe", "--gen-subset", subset, "--path", str(ckpt),
-        "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
-        "--max-len-b", "10", "--num-workers", str(args.num_workers), *scoring, *PRECISION_FLAGS[args.precision],
-    ]
-    if ctc_decode_weight:
-        cmd += ["--ctc-decode-weight", str(ctc_decode_weight)]
-    if args.cpu:
-        cmd.append("--cpu")
+    cmd = generate_cmd(args, args.data, config_yaml(args), subset, ckpt, scoring, ctc_decode_weight)
     start = time.time()
     log = run_logged(cmd, out_dir / f"{stem}.log", args.threads)
     if is_asr_task(task):

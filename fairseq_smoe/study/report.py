@@ -81,14 +81,6 @@ def _utterances(out: Path, system_id: str, seeds, variant: str, sets: List[str],
     return per_seed
 
 
-def _score(utts: list, metric: str) -> float:
-    if metric == "bleu":
-        import sacrebleu
-
-        return float(sacrebleu.corpus_bleu([u.hyp for u in utts], [[u.ref for u in utts]]).score)
-    return 100.0 * sum(u.errors for u in utts) / max(1, sum(u.words for u in utts))
-
-
 def _paired(out, a_id, b_id, seeds, sets, metric, name_a, name_b, label, variant_a="labels", variant_b="labels",
             cache=None):
     ua = _utterances(out, a_id, seeds, variant_a, sets, metric, cache)
@@ -145,7 +137,7 @@ def statistics(results: Dict, out: Path, jobs: int = 1) -> Dict:
         summary[name] = {}
         for unit, sets in units.items():
             m = metric_of(sets)
-            per_seed = [_score(u, m) for u in _utterances(out, sid, seeds, "labels", sets, m, cache)]
+            per_seed = [stats.corpus_score(u, m) for u in _utterances(out, sid, seeds, "labels", sets, m, cache)]
             summary[name][unit] = dict(stats.seed_summary(per_seed, f"{name} {unit}"), per_seed=per_seed,
                                        metric=m.upper())
     tasks = []  # (kind, extra, _paired's arguments): every paired test, run --jobs at a time

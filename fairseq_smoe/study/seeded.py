@@ -79,9 +79,7 @@ def arch_experts(arch: str) -> Dict[str, bool]:
     experts; a learned gate reads neither (its architecture flags, from fairseq's registry)."""
     from argparse import Namespace
 
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
-    import fairseq_smoe  # noqa: F401  (registers the architectures)
+    from fairseq.models import ARCH_CONFIG_REGISTRY  # fairseq_smoe's import registered the architectures
 
     args = Namespace()
     ARCH_CONFIG_REGISTRY[arch](args)
@@ -104,16 +102,10 @@ def variants_of(system: str, size: str) -> List[str]:
 
 def st_languages(data: Path, train_subset: str) -> List[str]:
     """The ST target languages of the training manifests, sorted."""
-    langs = set()
-    for name in train_subset.split(","):
-        with open(data / f"{name}.tsv", encoding="utf-8") as f:
-            header = f.readline().rstrip("\n").split("\t")
-            task_i, lang_i = header.index("task"), header.index("tgt_lang")
-            for line in f:
-                row = line.rstrip("\n").split("\t")
-                if row[task_i] == ST_TASK:
-                    langs.add(row[lang_i])
-    return sorted(langs)
+    from ..data.manifest import read_manifest
+
+    return sorted({row["tgt_lang"] for name in train_subset.split(",")
+                   for row in read_manifest(str(data / f"{name}.tsv")) if row["task"] == ST_TASK})
 
 
 def write_lang_config(view: Path, langs: List[str]) -> Path:
@@ -192,22 +184,17 @@ def split_log(log_text: str, spans: list, out_dir: Path, header: str) -> None:
 
 
 def score_log(path: Path, task: str) -> Dict:
-    """A test set's score from its split log: WER (and CER) by the study's rules for ASR, sacreBLEU for ST."""
-    import sacrebleu
-
+    """A test set's score from its split log: WER (and CER) by the study's rules for ASR, sacreBLEU for ST
+    (:func:`fairseq_smoe.study.stats.corpus_score`, the numbers the report's statistics start from)."""
     from . import stats
 
-    if compare.is_asr_task(task):
-        utts = stats.utterance_scores(path, "wer")
-        chars = stats.utterance_scores(path, "cer")
-        words = sum(u.words for u in utts)
-        return {"metric": "WER", "score": 100.0 * sum(u.errors for u in utts) / max(words, 1), "n": len(utts),
-                "cer": 100.0 * sum(u.errors for u in chars) / max(sum(u.words for u in chars), 1),
-                "empty_hypotheses": sum(not u.hyp.strip() for u in utts)}
-    utts = stats.utterance_scores(path, "bleu")
-    bleu = sacrebleu.corpus_bleu([u.hyp for u in utts], [[u.ref for u in utts]])
-    return {"metric": "BLEU", "score": float(bleu.score), "n": len(utts),
-            "empty_hypotheses": sum(not u.hyp.strip() for u in utts)}
+    metric = "wer" if compare.is_asr_task(task) else "bleu"
+    utts = stats.utterance_scores(path, metric)
+    result = {"metric": metric.upper(), "score": stats.corpus_score(utts, metric), "n": len(utts),
+              "empty_hypotheses": sum(not u.hyp.strip() for u in utts)}
+    if metric == "wer":
+        result["cer"] = stats.corpus_score(stats.utterance_scores(path, "cer"), "cer")
+    return result
 
 
 def decode_variant(args, run: "Run", ckpt: Path, variant: str, index: Dict) -> Dict:
@@ -230,15 +217,9 @@ def decode_variant(args, run: "Run", ckpt: Path, variant: str, index: Dict) -> D
             mapping = variants.reroute_decoder(ckpt, rerouted)
             compare.write_atomic(out_dir / "rerouted.json", json.dumps(mapping) + "\n")
         ckpt = rerouted
-    cmd = [compare.bin_path("fairseq-generate"), str(view), "--user-dir", str(compare.PLUGIN), "--config-yaml", config,
-           "--task", "speech_to_text_smoe", "--gen-subset", manifest, "--path", str(ckpt),
-           "--max-tokens", str(max(args.max_tokens, 20000)), "--beam", str(args.beam), "--max-len-a", "0.1",
-           "--max-len-b", "10", "--num-workers", str(args.num_workers), "--scoring", "sacrebleu",
-           *compare.PRECISION_FLAGS[args.precision]]
-    if args.ctc_decode_weight and args.ctc_weight:
-        cmd += ["--ctc-decode-weight", str(args.ctc_decode_weight)]
-    if args.cpu:
-        cmd.append("--cpu")
+    # the printed score mixes ASR and ST rows: ignored, each test set is scored from its split log
+    cmd = compare.generate_cmd(args, view, config, manifest, ckpt, ["--scoring", "sacrebleu"],
+                               args.ctc_decode_weight if args.ctc_weight else 0.0)
     start = time.time()
     log = compare.run_logged(cmd, out_dir / f"{manifest}.log", args.threads)
     split_log(log, index["spans"], out_dir, " ".join(cmd[:cmd.index("--gen-subset")] + cmd[cmd.index("--path"):]))

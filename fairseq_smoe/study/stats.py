@@ -162,6 +162,16 @@ def utterance_scores(generate_log_path: Union[str, Path], metric: str) -> List[U
     return out
 
 
+def corpus_score(utts: Sequence[Utterance], metric: str) -> float:
+    """The corpus score of parsed utterances: WER/CER in percent from the summed edits (as the paired bootstrap sums
+    them), BLEU by sacreBLEU's corpus BLEU of the hypotheses."""
+    if str(metric).lower() == "bleu":
+        import sacrebleu
+
+        return float(sacrebleu.corpus_bleu([u.hyp for u in utts], [[u.ref for u in utts]]).score)
+    return 100.0 * sum(u.errors for u in utts) / max(1, sum(u.words for u in utts))
+
+
 # ----------------------------------------------------------------------------------------- the paired bootstrap
 
 
